@@ -1,0 +1,14 @@
+"""portable_dg: a portable runtime for block-diffusion language models (DiffusionGemma).
+
+    import portable_dg
+    model = portable_dg.load("path/to/checkpoint", backend="numpy")
+    out = portable_dg.generate(model, prompt_ids, max_new_tokens=256, seed=0)
+    print(out.text)
+"""
+
+from .errors import PortableDGError
+from .runtime import Context, Model, load
+from .sampler import GenerateOutput, generate
+
+__all__ = ["Context", "GenerateOutput", "Model", "PortableDGError", "generate", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""The public model API: `load` a checkpoint onto a backend, `Model.start` a context, `denoise`.
+
+    model = portable_dg.load("path/or/repo-id", backend="numpy")
+    ctx = model.start(prompt_ids)              # encoder pass over the prompt
+    logits = ctx.denoise(canvas_ids)           # [L, V] float32, soft-capped
+    ctx.commit(block_ids)                      # encoder pass over a finished block
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .backend import Array, Backend
+from .config import DiffusionGemmaConfig, GenerationConfig
+from .errors import ConfigError
+from .models.diffusion_gemma import DiffusionGemma, KVCache
+from .source import ModelSource, open_source
+from .tokenizer import Tokenizer
+
+
+class Model:
+    """A loaded model: the network on a backend, its tokenizer and its generation defaults."""
+
+    def __init__(self, source: ModelSource, backend: Backend):
+        self.source = source
+        self.backend = backend
+        self.config: DiffusionGemmaConfig = source.config
+        self.generation_config: GenerationConfig = source.generation
+        self.tokenizer: Tokenizer | None = source.tokenizer
+        weights = {name: backend.weight(name, source.tensors[name]) for name in source.tensors}
+        self.network = DiffusionGemma(self.config, weights, backend)
+
+    @property
+    def canvas_length(self) -> int:
+        """Tokens per canvas (block)."""
+        return self.config.canvas_length
+
+    def start(self, prompt_ids: Sequence[int] | np.ndarray) -> "Context":
+        """Run the encoder over the prompt; the returned context denoises canvases after it."""
+        ids = self.check_ids(prompt_ids, "prompt_ids")
+        if len(ids) == 0:
+            raise ConfigError("prompt_ids is empty: the encoder needs at least one token")
+        ctx = Context(self, self.network.make_cache())
+        self.network.encode(ids, ctx.cache)
+        return ctx
+
+    def check_ids(self, ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
+        """ids as a 1-D int64 array, each in [0, vocab_size)."""
+        arr = np.asarray(ids)
+        if arr.ndim == 2 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ConfigError(f"{what} must be a 1-D sequence of integer token ids, got shape "
+                              f"{list(arr.shape)} of {arr.dtype}")
+        V = self.config.vocab_size
+        if arr.size and (arr.min() < 0 or arr.max() >= V):
+            raise ConfigError(f"{what}: token ids must lie in [0, {V}), got {int(arr.min())}..{int(arr.max())}")
+        return arr.astype(np.int64)
+
+
+class Context:
+    """The encoded context of one sequence (its KV cache) and the passes that use it."""
+
+    def __init__(self, model: Model, cache: KVCache):
+        self.model = model
+        self.cache = cache
+
+    @property
+    def length(self) -> int:
+        """Tokens encoded so far (the position of the next canvas's first token)."""
+        return self.cache.length
+
+    def denoise_device(self, canvas: Array, self_conditioning: Array | None = None) -> Array:
+        """`denoise` on backend arrays: canvas [L] ids on the device -> logits [L, V] on the device."""
+        return self.model.network.denoise(canvas, self.cache, self_conditioning)
+
+    def denoise(self, canvas_ids: Sequence[int] | np.ndarray,
+                self_conditioning: np.ndarray | None = None) -> np.ndarray:
+        """One decoder pass over a canvas -> float32 logits [canvas_len, vocab] after soft-capping.
+
+        self_conditioning: the previous step's temperature-scaled logits [canvas_len, vocab]."""
+        B = self.model.backend
+        canvas = self.model.check_ids(canvas_ids, "canvas_ids")
+        sc = None
+        if self_conditioning is not None:
+            sc_arr = np.asarray(self_conditioning)
+            if sc_arr.shape != (len(canvas), self.model.config.vocab_size):
+                raise ConfigError(f"self_conditioning must have shape "
+                                  f"{[len(canvas), self.model.config.vocab_size]}, got {list(sc_arr.shape)}")
+            sc = B.asarray(sc_arr.astype(np.float32))
+        logits = self.denoise_device(B.asarray(canvas), sc)
+        return np.asarray(B.to_numpy(logits), dtype=np.float32)
+
+    def commit(self, block_ids: Sequence[int] | np.ndarray) -> None:
+        """Encoder pass over a finished block at the next positions (appends it to the cache)."""
+        ids = self.model.check_ids(block_ids, "block_ids")
+        self.model.network.encode(ids, self.cache)
+
+
+def load(path_or_repo_id: str | Path, backend: str | Backend = "numpy", **backend_options: Any) -> Model:
+    """Load a checkpoint (HF directory, GGUF file, MLX directory or hub repo id) onto a backend.
+
+    backend: a name ("numpy", "mlx", "ggml", "torch") or a Backend instance; backend_options go
+    to the backend's factory (e.g. dtype="float64" for numpy, device="cuda" for torch)."""
+    from .backends import get_backend
+
+    source = open_source(path_or_repo_id)
+    instance = get_backend(backend, **backend_options) if isinstance(backend, str) else backend
+    return Model(source, instance)

@@ -1,0 +1,89 @@
+"""Model sources: what a checkpoint on disk provides, whatever its format.
+
+A reader turns a path into a `ModelSource`: the config, the generation defaults, a tokenizer, and
+tensors under their canonical names (see `portable_dg.checkpoint.sanitize`).  A tensor value is
+either a numpy float array (possibly memory-mapped) or a quantized tensor object with `shape` (the
+logical, unquantized shape), `qtype` (a short name such as "Q4_K" or "affine4g64") and
+`dequantize() -> np.ndarray float32`; a backend keeps the quantized form when it can and
+dequantizes otherwise.
+
+Readers: Hugging Face directories here; GGUF files and MLX directories in `portable_dg.converters`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .checkpoint import check_tensors, open_checkpoint, resolve_model_path, sanitize
+from .config import DiffusionGemmaConfig, GenerationConfig, read_json
+from .errors import CheckpointError
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class ModelSource:
+    """Everything needed to build a model, independent of the file format."""
+
+    config: DiffusionGemmaConfig
+    generation: GenerationConfig
+    tensors: Mapping[str, Any]                  # canonical name -> array or quantized tensor
+    tokenizer: Tokenizer | None
+    format: str                                 # "hf", "mlx", "gguf", ...
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)  # quantization, synthetic, ...
+
+
+def read_hf(path: Path) -> ModelSource:
+    """A Hugging Face checkpoint directory (single or sharded safetensors)."""
+    config = DiffusionGemmaConfig.from_file(path / "config.json")
+    gen_path = path / "generation_config.json"
+    generation = GenerationConfig.from_dict(read_json(gen_path) if gen_path.exists() else {}, config,
+                                            source=str(gen_path))
+    raw = read_json(path / "config.json")
+    tensors = sanitize(open_checkpoint(path))
+    check_tensors(tensors, config, str(path))
+    metadata = {"synthetic": bool(raw.get("portable_dg_synthetic", False))}
+    dtypes = sorted({ref.dtype for ref in tensors.values()})
+    metadata["dtypes"] = dtypes
+    return ModelSource(config, generation, LazyTensors(tensors), Tokenizer.from_directory(path),
+                       "hf", path, metadata)
+
+
+class LazyTensors(Mapping[str, Any]):
+    """name -> numpy array, read (memory-mapped; bf16 widened) only when looked up."""
+
+    def __init__(self, refs: Mapping[str, Any]):
+        self.refs = refs
+
+    def __getitem__(self, name: str) -> Any:
+        return self.refs[name].load()
+
+    def __iter__(self):
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+# Readers by format name: (predicate on the resolved path, "module:function").
+READERS: dict[str, tuple[Callable[[Path], bool], str]] = {
+    "gguf": (lambda p: p.is_file() and p.suffix == ".gguf", "portable_dg.converters.gguf:read_gguf"),
+    "mlx": (lambda p: p.is_dir() and "quantization" in read_json(p / "config.json")
+            if (p / "config.json").exists() else False, "portable_dg.converters.mlx:read_mlx"),
+    "hf": (lambda p: p.is_dir() and (p / "config.json").exists(), "portable_dg.source:read_hf"),
+}
+
+
+def open_source(path_or_repo_id: str | Path) -> ModelSource:
+    """Detect the format of a local path or hub repo id and read it."""
+    path = resolve_model_path(path_or_repo_id)
+    for name, (matches, target) in READERS.items():
+        if matches(path):
+            module, func = target.split(":")
+            return getattr(importlib.import_module(module), func)(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: not a model directory (no config.json)")
+    raise CheckpointError(f"{path}: unrecognised model file (expected a .gguf file or a directory)")
