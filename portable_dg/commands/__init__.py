@@ -1,0 +1,1 @@
+"""One module per `pdg` subcommand (see portable_dg/cli.py)."""
