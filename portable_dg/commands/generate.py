@@ -1,0 +1,93 @@
+"""`pdg generate`: text (or ids) from a prompt, by block diffusion."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import click
+
+from ..errors import ConfigError
+
+
+def parse_ids(text: str) -> list[int]:
+    """'2,10,11' -> [2, 10, 11], with a clear error for anything else."""
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def prompt_ids(model, prompt: str | None, ids: str | None, chat: bool | None, think: bool) -> list[int]:
+    """The prompt as ids: given ids, the chat template, or BOS + the plain text."""
+    if (prompt is None) == (ids is None):
+        raise ConfigError("give exactly one of --prompt or --prompt-ids")
+    if ids is not None:
+        return parse_ids(ids)
+    tok = model.tokenizer
+    if tok is None:
+        raise ConfigError(f"{model.source.path} has no tokenizer; use --prompt-ids")
+    use_chat = bool(tok.chat_template) if chat is None else chat
+    if use_chat:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                       add_generation_prompt=True, enable_thinking=think)
+        return tok.encode(text, add_special_tokens=False)
+    return [model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+
+
+class DraftView:
+    """--show-drafts: the canvas being denoised, redrawn in place on a terminal."""
+
+    def __init__(self, model, stream=sys.stderr):
+        self.model, self.stream = model, stream
+        self.live = stream.isatty()
+
+    def __call__(self, info) -> None:
+        tok = self.model.tokenizer
+        text = tok.decode(info.draft.tolist()) if tok else ",".join(map(str, info.draft.tolist()))
+        line = f"[canvas {info.block + 1} step {info.step:2d} T={info.temperature:.3f} " \
+               f"accepted {info.accepted:3d} H={info.mean_entropy:.3f}] {text}"
+        if self.live:
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            line = line.replace("\n", "⏎")[:width]
+            self.stream.write("\r\x1b[2K" + line + ("\n" if info.stopped else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@click.command()
+@click.option("--model", "model_path", default=None,
+              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled model).")
+@click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch.")
+@click.option("--device", default=None, help="Backend device (torch: cpu or cuda).")
+@click.option("--dtype", default=None, help="Backend compute dtype (numpy: float32 or float64).")
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-ids", "ids", default=None, help="Prompt as token ids, e.g. 2,10,11.")
+@click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template "
+              "(default: when the checkpoint has one).")
+@click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
+@click.option("--max-new-tokens", type=int, default=None, help="Rounded up to whole canvases.")
+@click.option("--steps", type=int, default=None, help="Maximum denoising steps per canvas.")
+@click.option("--seed", type=int, default=None, help="Seed for noise and sampling.")
+@click.option("--greedy", is_flag=True, help="Take the argmax instead of sampling.")
+@click.option("--ids", "print_ids", is_flag=True, help="Print the generated token ids.")
+@click.option("--show-drafts", is_flag=True, help="Show the canvas as it is denoised.")
+def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_new_tokens, steps, seed,
+             greedy, print_ids, show_drafts):
+    """Generate from a prompt by block diffusion."""
+    import portable_dg
+
+    if model_path is None:
+        from ..sudoku import default_model_path
+        model_path = default_model_path()
+    options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    model = portable_dg.load(model_path, backend=backend, **options)
+    ids_in = prompt_ids(model, prompt, ids, chat, think)
+    out = portable_dg.generate(model, ids_in, max_new_tokens=max_new_tokens, max_denoising_steps=steps,
+                               seed=seed, greedy=greedy, on_step=DraftView(model) if show_drafts else None)
+    if print_ids:
+        click.echo(",".join(map(str, out.ids)))
+    if out.text is not None and not print_ids:
+        click.echo(out.text)
+    click.echo(f"[{len(out.ids)} tokens, {len(out.steps)} canvas(es), steps {out.steps}]", err=True)

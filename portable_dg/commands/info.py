@@ -1,0 +1,91 @@
+"""`pdg info`: what a checkpoint is, without running it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import click
+
+from ..config import FULL
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23 M'."""
+    for unit in ("", " K", " M", " B", " T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g} P"
+
+
+def tensor_types(tensors) -> Counter:
+    """Histogram of storage types (quantized qtype, or numpy dtype)."""
+    types: Counter = Counter()
+    refs = getattr(tensors, "refs", None)  # HF: count stored dtypes without reading anything
+    for name in tensors:
+        if refs is not None:
+            types[refs[name].dtype] += 1
+        else:
+            value = tensors[name]
+            types[getattr(value, "qtype", None) or str(getattr(value, "dtype", "?"))] += 1
+    return types
+
+
+def describe(source) -> dict[str, Any]:
+    """A JSON-able description of a ModelSource."""
+    cfg, gen = source.config, source.generation
+    total, active = cfg.parameter_counts()
+    n_full = sum(g.kind == FULL for g in cfg.layers)
+    info = {
+        "path": str(source.path),
+        "format": source.format,
+        "architecture": "DiffusionGemma (block-diffusion MoE)",
+        "synthetic": bool(source.metadata.get("synthetic", False)),
+        "parameters": {"total": total, "active_per_token": active},
+        "layers": {"total": cfg.num_hidden_layers, "sliding": cfg.num_hidden_layers - n_full,
+                   "full": n_full, "sliding_window": cfg.sliding_window},
+        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "experts": {"count": cfg.num_experts, "top_k": cfg.top_k_experts,
+                    "width": cfg.moe_intermediate_size},
+        "canvas_length": cfg.canvas_length,
+        "tensor_types": dict(tensor_types(source.tensors)),
+        "quantization": source.metadata.get("quantization"),
+        "tokenizer": None if source.tokenizer is None else {
+            "kind": source.tokenizer.kind, "vocab_size": source.tokenizer.vocab_size,
+            "chat_template": bool(source.tokenizer.chat_template)},
+        "generation": gen.to_dict(),
+    }
+    return info
+
+
+@click.command()
+@click.argument("model_path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model_path, as_json):
+    """Describe a checkpoint: architecture, parameters, storage, tokenizer, sampler defaults."""
+    from ..source import open_source
+
+    source = open_source(model_path)
+    data = describe(source)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    p = data["parameters"]
+    click.echo(f"{data['path']}  [{data['format']}{', SYNTHETIC random weights' if data['synthetic'] else ''}]")
+    click.echo(f"  architecture   {data['architecture']}")
+    click.echo(f"  parameters     {human(p['total'])} total, {human(p['active_per_token'])} active per token")
+    lay = data["layers"]
+    click.echo(f"  layers         {lay['total']} ({lay['sliding']} sliding, window {lay['sliding_window']}; "
+               f"{lay['full']} full)  hidden {data['hidden_size']}  vocab {data['vocab_size']}")
+    ex = data["experts"]
+    click.echo(f"  experts        {ex['count']} x width {ex['width']}, top-{ex['top_k']}")
+    click.echo(f"  canvas         {data['canvas_length']} tokens")
+    click.echo("  tensors        " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tensor_types"].items())))
+    if data["quantization"]:
+        click.echo(f"  quantization   {json.dumps(data['quantization'])}")
+    tok = data["tokenizer"]
+    click.echo("  tokenizer      " + ("none" if tok is None else
+               f"{tok['kind']}, {tok['vocab_size']} tokens, chat template: {'yes' if tok['chat_template'] else 'no'}"))
+    click.echo("  generation     " + ", ".join(f"{k}={v}" for k, v in data["generation"].items()))
