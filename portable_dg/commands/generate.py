@@ -38,9 +38,10 @@ def prompt_ids(model, prompt: str | None, ids: str | None, chat: bool | None, th
 class DraftView:
     """--show-drafts: the canvas being denoised, redrawn in place on a terminal."""
 
-    def __init__(self, model, stream=sys.stderr):
-        self.model, self.stream = model, stream
-        self.live = stream.isatty()
+    def __init__(self, model, stream=None):
+        self.model = model
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
 
     def __call__(self, info) -> None:
         tok = self.model.tokenizer
