@@ -18,6 +18,7 @@ from .errors import PortableDGError
 COMMANDS = {
     "generate": "portable_dg.commands.generate:generate",
     "info": "portable_dg.commands.info:info",
+    "sudoku": "portable_dg.commands.sudoku:sudoku",
 }
 
 

@@ -1,0 +1,113 @@
+"""`pdg sudoku`: solve a Sudoku with the bundled model (or any Sudoku checkpoint), or score a model.
+
+stdout gets the answer as one line of 81 digits (0 where the canvas holds no digit); the puzzle, the
+board and the verdict go to stderr.  The exit status is 1 when the answer breaks a Sudoku rule or a
+given, and for `--eval` when `--compare` finds the two implementations disagreeing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import ConfigError
+
+
+def board(grid) -> str:
+    """A 9x9 grid as text with box separators; blanks as '.'."""
+    rows = []
+    for r in range(9):
+        cells = ["." if int(d) == 0 else str(int(d)) for d in grid[9 * r:9 * r + 9]]
+        rows.append(" | ".join(" ".join(cells[c:c + 3]) for c in (0, 3, 6)))
+        if r in (2, 5):
+            rows.append("------+-------+------")
+    return "\n".join(rows)
+
+
+def draft_printer(stream=None):
+    """An on_step callback printing each draft canvas as 81 characters ('.' = not a digit)."""
+    from ..sudoku import grid_from_ids, grid_text
+
+    stream = stream or sys.stderr
+
+    def show(info) -> None:
+        line = grid_text(grid_from_ids(info.draft)).replace("0", ".")
+        stream.write(f"step {info.step:2d} T={info.temperature:.3f} accepted {info.accepted:2d} "
+                     f"H={info.mean_entropy:.3f} {line}\n")
+        stream.flush()
+
+    return show
+
+
+@click.command()
+@click.argument("puzzle", required=False)
+@click.option("--model", "model_path", default=None, help="Sudoku checkpoint (default: the bundled model).")
+@click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampler, and of the generated puzzle when none is given.")
+@click.option("--difficulty", type=click.Choice(["easy", "medium", "hard"]), default="easy",
+              show_default=True, help="Givens of generated puzzles: easy 40-50, medium 32-39, hard 26-31.")
+@click.option("--steps", type=int, default=None, help="Maximum denoising steps (default: the model's, 48).")
+@click.option("--show-drafts", is_flag=True, help="Print the canvas after every denoising step.")
+@click.option("--eval", "eval_n", type=int, default=None,
+              help="Score the model on the first N puzzles of the held-out test set instead.")
+@click.option("--compare", type=click.Choice(["transformers"]), default=None,
+              help="With --eval: also run the transformers reference; both sides deterministic.")
+def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, eval_n, compare):
+    """Solve PUZZLE (81 characters, 1-9 and 0 or . for blanks; default: a generated one)."""
+    import portable_dg
+    from .. import sudoku as sd
+
+    if compare and eval_n is None:
+        raise ConfigError("--compare needs --eval N")
+    if eval_n is not None and puzzle is not None:
+        raise ConfigError("give a PUZZLE or --eval N, not both")
+    path = model_path or sd.default_model_path()
+    model = portable_dg.load(path, backend=backend)
+    if eval_n is not None:
+        sys.exit(run_eval(model, path, eval_n, difficulty, seed, steps, compare))
+    if puzzle is None:
+        puzzle = sd.grid_text(sd.puzzles(seed, 1, difficulty)[0][0])
+    grid = sd.parse_puzzle(puzzle)
+    click.echo(f"puzzle:\n{board(grid)}", err=True)
+    result = sd.solve(model, grid, seed=seed, max_denoising_steps=steps,
+                      on_step=draft_printer() if show_drafts else None)
+    click.echo(result.line)
+    click.echo(f"answer ({result.steps} denoising steps):\n{board(result.grid)}", err=True)
+    if result.solved:
+        click.echo("solved: every row, column and box holds 1-9 and every given is kept", err=True)
+        return
+    click.echo("not solved: " + "; ".join(result.problems), err=True)
+    sys.exit(1)
+
+
+def run_eval(model, path, n: int, difficulty: str, seed: int, steps: int | None,
+             compare: str | None) -> int:
+    """Print the scores on the held-out set; returns the exit status."""
+    from .. import sudoku as sd
+
+    if n <= 0:
+        raise ConfigError(f"--eval needs a positive number of puzzles, got {n}")
+    if compare and steps is not None:
+        raise ConfigError("--compare runs the checkpoint's own sampler settings; drop --steps")
+    pairs = sd.test_set(n, difficulty)
+    givens = [int((p > 0).sum()) for p, _ in pairs]
+    click.echo(f"held-out set: {n} {difficulty} puzzles, {min(givens)}-{max(givens)} givens "
+               f"(mean {sum(givens) / n:.1f})", err=True)
+    options = dict(max_denoising_steps=steps)
+    if compare is None:
+        with click.progressbar(length=n, label="solving", file=sys.stderr) as bar:
+            ours = sd.evaluate(model, pairs, seed=seed, progress=lambda i: bar.update(1), **options)
+        click.echo(f"portable_dg ({model.backend.name}, seed {seed}): {ours.summary()}")
+        return 0
+    noise = sd.pattern_noise(model.config.vocab_size)
+    with click.progressbar(length=n, label="portable_dg", file=sys.stderr) as bar:
+        ours = sd.evaluate(model, pairs, noise=noise, greedy=True, progress=lambda i: bar.update(1), **options)
+    with click.progressbar(length=n, label="transformers", file=sys.stderr) as bar:
+        ref = sd.reference_evaluate(path, pairs, progress=lambda i: bar.update(1))
+    agree = sum(a == b for a, b in zip(ours.answers, ref.answers))
+    click.echo(f"portable_dg (deterministic): {ours.summary()}")
+    click.echo(f"transformers (deterministic): {ref.summary()}")
+    click.echo(f"identical answers: {agree}/{n}")
+    return 0 if agree == n and ours.mean_steps == ref.mean_steps else 1
