@@ -30,6 +30,8 @@ class NumpyBackend:
 
     # --- weights and host transfer ------------------------------------------------------------
     def weight(self, name: str, value: Any) -> np.ndarray:
+        if hasattr(value, "dequantize"):  # a quantized tensor (GGUF, MLX): the oracle computes in float
+            value = value.dequantize()
         return np.ascontiguousarray(np.asarray(value), dtype=self.dtype)
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
