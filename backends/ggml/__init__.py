@@ -1,0 +1,194 @@
+"""The ggml backend: the llama.cpp-style CPU path, with GGUF weights kept quantized in memory.
+
+Activations are float32 numpy arrays, so every elementwise, attention and sampler op is the numpy
+reference backend's (inherited, not copied).  Weights (2-D and stacked 3-D) live in ggml, in their
+stored type (F32, F16, BF16, Q8_0, Q4_0, K-quants, ...), wrapped in place over the memory-mapped
+file bytes.  The heavy products go to ggml (`ggml_mul_mat`, `ggml_mul_mat_id`, `ggml_get_rows`),
+except where measurement says numpy's BLAS is faster: on the CPU device, a product over at least
+`blas_min_tokens` rows dequantizes the weight tile by tile (bounded memory, never a full
+dequantized copy) and multiplies the tiles with BLAS; the self-conditioning soft lookup (a
+[T, V] @ [V, H] product) always does.  A ggml built with Vulkan, CUDA or Metal is used when
+present (`device="auto"`); there every linear runs in ggml.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import numpy as np
+
+from portable_dg.backends.numpy import NumpyBackend
+from portable_dg.errors import BackendUnavailable, CheckpointError, ConfigError
+
+# Formats whose tensors `weight()` takes without dequantizing them first.
+FORMATS = ("hf", "gguf")
+# A product with at least this many rows runs as dequantized tiles through numpy's BLAS on the
+# CPU device (measured crossover, see the README's ggml section); fewer rows run in ggml.
+BLAS_MIN_TOKENS = 32
+# float32 values per dequantized tile (16 MiB): bounds the memory the BLAS route adds.
+TILE_VALUES = 1 << 22
+
+
+class GgmlBackend(NumpyBackend):
+    """Implements `portable_dg.backend.Backend` on ggml; activations are float32 numpy arrays."""
+
+    name = "ggml"
+
+    def __init__(self, engine: Any, blas_min_tokens: int):
+        super().__init__("float32")
+        self.engine = engine
+        self.blas_min_tokens = blas_min_tokens
+        self.names: dict[int, str] = {}     # id(DeviceWeight) -> tensor name, for error messages
+
+    # --- weights --------------------------------------------------------------------------------
+    def weight(self, name: str, value: Any) -> Any:
+        """Vectors -> float32 numpy; 2-D/3-D weights -> a DeviceWeight in their stored ggml type."""
+        import ggml
+
+        if hasattr(value, "ggml_type") and hasattr(value, "data"):      # a GGUF tensor, as stored
+            shape, ggml_type, host = tuple(value.shape), int(value.ggml_type), np.asarray(value.data)
+            if len(shape) <= 1:
+                return np.ascontiguousarray(value.dequantize(), np.float32)
+        else:
+            array = np.asarray(value.dequantize() if hasattr(value, "dequantize") else value)
+            if array.dtype.kind != "f":
+                raise CheckpointError(f"{name}: expected a float tensor, got {array.dtype}")
+            if array.ndim <= 1:
+                return np.ascontiguousarray(array, np.float32)
+            if array.dtype != np.float16:
+                array = np.asarray(array, np.float32)
+            shape, ggml_type, host = array.shape, int(ggml.GGML_TYPE_F16 if array.dtype == np.float16
+                                                      else ggml.GGML_TYPE_F32), array
+        if len(shape) not in (2, 3):
+            raise CheckpointError(f"{name}: expected a 2-D or 3-D weight, got shape {list(shape)}")
+        try:
+            w = self.engine.weight(np.ascontiguousarray(host), ggml_type, shape)
+        except ValueError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+        self.names[id(w)] = name
+        return w
+
+    def describe(self, w: Any) -> str:
+        return self.names.get(id(w), "weight")
+
+    def check_input(self, x: np.ndarray, w: Any) -> np.ndarray:
+        """x as contiguous float32 whose last axis matches w's `in` (ggml would abort otherwise)."""
+        if x.shape[-1] != w.shape[-1]:
+            raise ConfigError(f"{self.describe(w)}: input has {x.shape[-1]} features, the weight "
+                              f"{list(w.shape)} expects {w.shape[-1]}")
+        return np.ascontiguousarray(x, np.float32)
+
+    def check_ids(self, ids: np.ndarray, limit: int, w: Any) -> np.ndarray:
+        """ids as int32 in [0, limit) (ggml would abort on an out-of-range row)."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= limit):
+            raise ConfigError(f"{self.describe(w)}: ids must lie in [0, {limit}), "
+                              f"got {int(ids.min())}..{int(ids.max())}")
+        return np.ascontiguousarray(ids, np.int32)
+
+    def use_blas(self, rows: int) -> bool:
+        return self.engine.is_cpu and rows >= self.blas_min_tokens
+
+    # --- products -------------------------------------------------------------------------------
+    def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
+        import ggml
+
+        ids = self.check_ids(ids, table.shape[0], table)
+        return self.engine.run(ggml.ggml_get_rows, [table, ids], (len(ids), table.shape[1]))
+
+    def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
+        import ggml
+
+        x = self.check_input(x, w)
+        T, out = x.shape[0], w.shape[0]
+        if not self.use_blas(T):
+            return self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out))
+        y = np.empty((T, out), np.float32)
+        for start, stop in tiles(w, out):
+            y[:, start:stop] = x @ float_rows(w, start, stop).T
+        return y
+
+    def soft_embedding(self, probs: np.ndarray, table: Any) -> np.ndarray:
+        V, H = table.shape
+        probs = np.ascontiguousarray(probs, np.float32)
+        if probs.shape[-1] != V:
+            raise ConfigError(f"{self.describe(table)}: probabilities over {probs.shape[-1]} tokens, "
+                              f"the table has {V}")
+        out = np.zeros((probs.shape[0], H), np.float32)
+        for start, stop in tiles(table, V):
+            out += probs[:, start:stop] @ float_rows(table, start, stop)
+        return out
+
+    def expert_linear(self, x: np.ndarray, w: Any, ids: np.ndarray) -> np.ndarray:
+        import ggml
+
+        E, out, _ = w.shape
+        T, k = ids.shape
+        x = self.check_input(x, w)
+        ids = self.check_ids(ids, E, w)
+        if x.shape[0] != T or (x.ndim == 3 and x.shape[1] != k):
+            raise ConfigError(f"{self.describe(w)}: input {list(x.shape)} does not match ids {[T, k]}")
+        if not self.use_blas(T):
+            b = x[:, None, :] if x.ndim == 2 else x                     # [T, 1 or k, in]
+            return self.engine.run(ggml.ggml_mul_mat_id, [w, b, ids], (T, k, out))
+        y = np.empty((T, k, out), np.float32)
+        for e in np.unique(ids):                     # group tokens by expert: one GEMM per expert
+            t, j = np.nonzero(ids == e)
+            rows = x[t] if x.ndim == 2 else x[t, j]  # [n, in]
+            y[t, j] = rows @ float_rows(w, int(e) * out, (int(e) + 1) * out).T
+        return y
+
+
+def tiles(w: Any, rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of w's first `rows` rows: everything at once for F32 (a view),
+    else at most TILE_VALUES dequantized values each."""
+    import ggml
+
+    step = rows if w.ggml_type == ggml.GGML_TYPE_F32 else max(1, TILE_VALUES // w.shape[-1])
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def float_rows(w: Any, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of w flattened to [rows, in] as float32: a view of the host memory for
+    F32, else a new dequantized array (ggml's own `to_float` for the type)."""
+    import ggml
+
+    n = w.shape[-1]
+    if w.ggml_type == ggml.GGML_TYPE_F32:
+        return w.host.view(np.float32).reshape(-1, n)[start:stop]
+    out = np.empty((stop - start, n), np.float32)
+    to_float = ggml.ggml_get_type_traits(w.ggml_type).contents.to_float
+    offset = start * ggml.ggml_row_size(w.ggml_type, n)
+    to_float(w.host.ctypes.data + offset, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
+    return out
+
+
+def create(n_threads: int | None = None, device: str = "auto",
+           blas_min_tokens: int = BLAS_MIN_TOKENS, **options: Any) -> GgmlBackend:
+    """Backend factory used by `portable_dg.backends.get_backend`.
+
+    Args:
+        n_threads: CPU threads for ggml (default: every core, `os.cpu_count()`).
+        device: "cpu", "auto" (the best device the installed ggml provides: Vulkan/CUDA/Metal when
+            built with them) or a ggml device name such as "Vulkan0".
+        blas_min_tokens: products over at least this many rows run as dequantized tiles through
+            numpy's BLAS on the CPU device; a huge value keeps every product in ggml."""
+    if options:
+        raise ConfigError(f"ggml backend: unknown option(s) {', '.join(sorted(options))}")
+    try:
+        import ggml  # noqa: F401
+    except (ImportError, OSError) as e:
+        raise BackendUnavailable(f"backend 'ggml' needs the ggml-python package ({e}): "
+                                 "pip install 'portable-dg[ggml]'") from None
+    from .engine import Engine
+
+    threads = n_threads or os.cpu_count() or 1
+    if threads < 1 or blas_min_tokens < 1:
+        raise ConfigError("ggml backend: n_threads and blas_min_tokens must be positive")
+    try:
+        engine = Engine(threads, device)
+    except RuntimeError as e:
+        raise BackendUnavailable(f"ggml backend: {e}") from None
+    return GgmlBackend(engine, blas_min_tokens)
