@@ -18,6 +18,9 @@ from .errors import PortableDGError
 COMMANDS = {
     "generate": "portable_dg.commands.generate:generate",
     "info": "portable_dg.commands.info:info",
+    "convert": "portable_dg.commands.convert:convert",
+    "quantize": "portable_dg.commands.quantize:quantize",
+    "imatrix": "portable_dg.commands.imatrix:imatrix",
     "sudoku": "portable_dg.commands.sudoku:sudoku",
 }
 
