@@ -56,6 +56,11 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1}
 
 
 # --- the quantized tensor --------------------------------------------------------------------------
+def qtype_name(mode: str, bits: int, group_size: int) -> str:
+    """"affine4g64", "mxfp4g32", ..."""
+    return f"{mode}{bits if mode == 'affine' else ''}g{group_size}"
+
+
 @dataclass
 class MLXQuantized:
     """One tensor quantized by `mx.quantize`, kept packed.
@@ -74,7 +79,7 @@ class MLXQuantized:
     @property
     def qtype(self) -> str:
         """Short name, e.g. "affine4g64" or "mxfp4g32"."""
-        return f"{self.mode}{self.bits if self.mode == 'affine' else ''}g{self.group_size}"
+        return qtype_name(self.mode, self.bits, self.group_size)
 
     def codes(self) -> np.ndarray:
         """The unpacked integer codes [..., out, in] (uint8)."""
@@ -103,6 +108,11 @@ class QuantizedRef:
     scales: TensorRef
     biases: TensorRef | None
     params: dict[str, Any]
+
+    @property
+    def dtype(self) -> str:
+        """The storage type `pdg info` counts (the qtype)."""
+        return qtype_name(self.params["mode"], self.params["bits"], self.params["group_size"])
 
     def load(self) -> MLXQuantized:
         return MLXQuantized(self.shape, np.asarray(self.weight.raw()), float_or_raw(self.scales),

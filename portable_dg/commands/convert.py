@@ -7,9 +7,13 @@ import sys
 
 import click
 
+from ..errors import ConfigError
+
 # target format -> "module:function(src, out, quant, *, imatrix, progress)"
 CONVERTERS = {
     "gguf": "portable_dg.converters.gguf:convert_to_gguf",
+    "mlx": "portable_dg.converters.mlx:convert_to_mlx",
+    "torch": "portable_dg.converters.torch_fp8:convert_to_torch",
 }
 
 
@@ -18,12 +22,18 @@ CONVERTERS = {
 @click.argument("out", type=click.Path(dir_okay=True))
 @click.option("--to", "target", required=True, type=click.Choice(sorted(CONVERTERS)), help="Output format.")
 @click.option("--quant", default="F16", show_default=True,
-              help="GGUF: F32, F16, BF16, Q8_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M.")
+              help="GGUF: F32, F16, BF16, Q8_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M. "
+                   "MLX: none, bf16, f16, q4, q6, q8 or mxfp4.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Importance matrix (.npz from `pdg imatrix`) for the quantized types.")
-def convert(src: str, out: str, target: str, quant: str, imatrix: str | None) -> None:
+@click.option("--group-size", type=int, default=None,
+              help="MLX: group size of the default quantization (affine 32/64/128, mxfp4 32).")
+def convert(src: str, out: str, target: str, quant: str, imatrix: str | None, group_size: int | None) -> None:
     """Convert the checkpoint SRC (directory or hub repo id) to OUT."""
+    if group_size is not None and target != "mlx":
+        raise ConfigError("--group-size applies to --to mlx only")
+    extra = {"group_size": group_size} if target == "mlx" else {}
     module, func = CONVERTERS[target].split(":")
     path = getattr(importlib.import_module(module), func)(src, out, quant.upper(), imatrix=imatrix,
-                                                          progress=sys.stderr.isatty())
+                                                          progress=sys.stderr.isatty(), **extra)
     click.echo(f"wrote {path}")
