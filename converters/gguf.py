@@ -26,7 +26,7 @@ from portable_dg.source import ModelSource
 from .gguf_names import (ARCH, ARCH_ALIASES, DEC, ENC_SCALAR, ENC_SCALAR_GGUF, GLOBAL_TENSORS,
                          LAYER_TENSORS, ROPE_FREQS, SAMPLER_KEYS, SC_PRE_NORM_ALIASES, SPLIT_EXPERTS,
                          Keys, gguf_name, hf_layer_name)
-from .gguf_quant import FILE_TYPES, READABLE_TYPES, quantize_rows, row_bytes, tensor_type
+from .gguf_quant import FILE_TYPES, READABLE_TYPES, check_quant, quantize_rows, row_bytes, tensor_type
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, quant: str = "F16", *,
 
     from .gguf_tokenizer import tokenizer_metadata
 
+    check_quant(quant)
     src = resolve_model_path(src)
     if not (src / "config.json").exists():
         raise CheckpointError(f"{src}: not a Hugging Face checkpoint directory (no config.json)")
@@ -241,6 +242,7 @@ def requantize_gguf(src: str | Path, out: str | Path, quant: str, *,
     """Re-quantize a GGUF file whose matrices are F32, F16, BF16 or Q8_0 (`pdg quantize`).
 
     Metadata is copied (file type updated); every tensor gets the type `quant` assigns to it."""
+    check_quant(quant)
     src = Path(src)
     reader = open_gguf(src)
     fields = decode_fields(reader)
@@ -326,10 +328,15 @@ def open_gguf(path: str | Path) -> Any:
 
 def decode_fields(reader: Any) -> dict[str, Any]:
     """Metadata as Python values (strings decoded, arrays as lists)."""
+    from gguf import GGUFValueType
+
     out = {}
     for key, field in reader.fields.items():
         try:
-            out[key] = field.contents()
+            value = field.contents()
+            if field.types == [GGUFValueType.FLOAT32]:   # the decimal it was written from: 0.4, not 0.4000000059604645
+                value = float(str(np.float32(value)))
+            out[key] = value
         except (ValueError, IndexError, UnicodeDecodeError) as e:
             raise FormatError(f"{reader.data.filename}: metadata key {key} is corrupt ({e})") from None
     return out

@@ -67,14 +67,20 @@ def with_fallback(qtype: str, n_per_row: int) -> str:
     return fallback if n_per_row % block_size(fallback) == 0 else "F16"
 
 
+def check_quant(quant: str) -> str:
+    """quant itself, or ConfigError naming the choices."""
+    if quant not in QUANT_CHOICES:
+        raise ConfigError(f"unknown quantization type {quant!r}; expected one of {', '.join(QUANT_CHOICES)}")
+    return quant
+
+
 def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int,
                 v_index: dict[int, int]) -> str:
     """The ggml type of GGUF tensor `name` (HF `shape`) in a file of type `quant`.
 
     v_index maps a block index to its position among the blocks that have `attn_v` (llama.cpp
     counts attn_v tensors, not layers, for the "more bits" rule)."""
-    if quant not in QUANT_CHOICES:
-        raise ConfigError(f"unknown quantization type {quant!r}; expected one of {', '.join(QUANT_CHOICES)}")
+    check_quant(quant)
     if len(shape) <= 1 or not name.endswith(".weight") or name.endswith("ffn_gate_inp.weight"):
         return "F32"
     qtype = MIXES.get(quant, quant)
