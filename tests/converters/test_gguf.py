@@ -428,3 +428,65 @@ def test_absurd_sizes_are_not_allocated(gguf_of, tmp_path):
     (tmp_path / "dims.gguf").write_bytes(data[:dims_at] + struct.pack("<Q", 1 << 40) + data[dims_at + 8:])
     with pytest.raises(FormatError):
         read_gguf(tmp_path / "dims.gguf")
+
+
+# --- tokenizer in the metadata -----------------------------------------------------------------
+
+def write_gemma_style_tokenizer(path: Path) -> None:
+    """A small byte-fallback BPE tokenizer.json shaped like Gemma's, with its chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 + ["diffusion gemma"] * 20,
+                            trainer)
+    tok.add_special_tokens([AddedToken("<|turn>", special=True, normalized=False)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "chat_template": "{{ bos_token }}{% for m in messages %}"
+         "<|turn>{{ m['content'] }}{% endfor %}"}))
+
+
+def test_tokenizer_and_template_travel_in_the_metadata(k256_dir, tmp_path):
+    import shutil
+
+    from portable_dg.converters.gguf import decode_fields, open_gguf
+    from portable_dg.converters.gguf_tokenizer import HF_JSON, tokenizer_from_metadata
+    from portable_dg.tokenizer import Tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(k256_dir, src)
+    write_gemma_style_tokenizer(src)
+    path = convert_to_gguf(src, tmp_path / "tok.gguf", "Q8_0", progress=False)
+    fields = decode_fields(open_gguf(path))
+    assert fields["tokenizer.ggml.model"] == "gemma4" and fields["tokenizer.ggml.bos_token_id"] == 2
+    assert fields["tokenizer.ggml.token_type"][fields["tokenizer.ggml.tokens"].index("<|turn>")] == 3
+    original = Tokenizer.from_directory(src)
+    text = "the lazy fox: diffusion gemma ünïcödé <|turn>"
+    rebuilt = tokenizer_from_metadata({k: v for k, v in fields.items() if k != HF_JSON}, "test")
+    for tok in (read_gguf(path).tokenizer, rebuilt):     # exact copy, and rebuilt from tokens + merges
+        ids = tok.encode(text)
+        assert ids == original.encode(text)
+        assert tok.decode(ids, skip_special_tokens=False) == original.decode(ids, skip_special_tokens=False)
+        assert tok.decode(ids) == original.decode(ids)
+        assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<bos><|turn>hi"
+
+
+def test_cli_convert_imatrix_quantize(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from portable_dg.cli import main
+
+    run = CliRunner().invoke
+    src, f16 = str(tiny_dir("a")), str(tmp_path / "a-f16.gguf")
+    assert run(main, ["convert", src, f16, "--to", "gguf", "--quant", "f16"]).exit_code == 0
+    im = str(tmp_path / "im.npz")
+    assert run(main, ["imatrix", "--model", src, "--out", im, "--n-random", "1", "--steps", "1"]).exit_code == 0
+    result = run(main, ["quantize", f16, str(tmp_path / "a-q8.gguf"), "--quant", "Q8_0", "--imatrix", im])
+    assert result.exit_code == 0, result.output
+    assert describe_gguf(tmp_path / "a-q8.gguf")["file_type"] == 7
+    bad = run(main, ["quantize", f16, f16, "--quant", "Q8_0"])
+    assert bad.exit_code == 1 and "refusing to overwrite" in bad.output
