@@ -57,6 +57,10 @@ def describe(source) -> dict[str, Any]:
             "chat_template": bool(source.tokenizer.chat_template)},
         "generation": gen.to_dict(),
     }
+    if source.format == "gguf":
+        from ..converters.gguf import describe_gguf
+        gguf = describe_gguf(source.path)
+        info["file"] = {k: gguf[k] for k in ("file_size", "bits_per_weight", "types")}
     return info
 
 
@@ -83,6 +87,10 @@ def info(model_path, as_json):
     click.echo(f"  experts        {ex['count']} x width {ex['width']}, top-{ex['top_k']}")
     click.echo(f"  canvas         {data['canvas_length']} tokens")
     click.echo("  tensors        " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tensor_types"].items())))
+    if "file" in data:
+        f = data["file"]
+        click.echo(f"  file           {human(f['file_size'])}B, {f['bits_per_weight']:.2f} bits per weight; "
+                   + ", ".join(f"{k}: {v['tensors']}" for k, v in f["types"].items()))
     if data["quantization"]:
         click.echo(f"  quantization   {json.dumps(data['quantization'])}")
     tok = data["tokenizer"]
