@@ -73,6 +73,9 @@ READERS: dict[str, tuple[Callable[[Path], bool], str]] = {
     "gguf": (lambda p: p.is_file() and p.suffix == ".gguf", "portable_dg.converters.gguf:read_gguf"),
     "mlx": (lambda p: p.is_dir() and "quantization" in read_json(p / "config.json")
             if (p / "config.json").exists() else False, "portable_dg.converters.mlx:read_mlx"),
+    "fp8": (lambda p: p.is_dir() and (p / "config.json").exists() and (read_json(p / "config.json").get(
+        "quantization_config") or {}).get("quant_method") == "compressed-tensors",
+        "portable_dg.converters.torch_fp8:read_compressed_tensors"),
     "hf": (lambda p: p.is_dir() and (p / "config.json").exists(), "portable_dg.source:read_hf"),
 }
 

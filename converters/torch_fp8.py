@@ -1,0 +1,403 @@
+"""FP8 e4m3 checkpoints for the PyTorch backend: the converter and the reader.
+
+Layout (spec/file_formats.md §3.2, compressed-tensors "float-quantized", FP8-dynamic recipe): every
+quantized module X stores `X.weight` float8_e4m3fn [out, in] and `X.weight_scale` float32 [out, 1],
+W = code * scale row by row; activations are quantized per token at run time (nothing stored).
+Quantized: the attention projections, the dense MLP and the experts of every layer.  Kept bf16: the
+embedding (also the tied head), router, norms, scalars and the self-conditioning MLP.
+
+Our converter keeps the experts fused and stacked, as the grouped GEMM reads them:
+`layers.{i}.experts.gate_up_proj.weight` [E, 2I, H] e4m3 + `.weight_scale` [E, 2I, 1], and
+`experts.down_proj.weight` [E, H, I] + [E, H, 1] (60 quantized expert tensors instead of 11,520, no
+re-stacking at load).  The reader also accepts the published RedHatAI FP8-dynamic files, which unfuse
+the experts into `experts.{e}.{gate,up,down}_proj`; it re-stacks them (gate rows first) into the
+canonical fused names without copying until a backend loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, expected_tensors, open_checkpoint,
+                                    sanitize)
+from portable_dg.config import DiffusionGemmaConfig, GenerationConfig, read_json
+from portable_dg.errors import CheckpointError, ConfigError, FormatError
+
+E4M3_MAX = 448.0
+SHARD_BYTES = 5 << 30
+QTYPE = "fp8_e4m3"
+
+# Canonical names whose weights are quantized; everything else stays bf16.
+QUANTIZED = re.compile(r"\.layers\.\d+\.(self_attn\.[qkvo]_proj\.weight|mlp\.(gate|up|down)_proj\.weight"
+                       r"|experts\.(gate_up|down)_proj)$")
+PER_EXPERT = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.experts\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj$")
+
+
+def e4m3_values() -> np.ndarray:
+    """float32 value of each of the 256 float8_e4m3fn codes (bias 7, no infinities, 0x7F/0xFF NaN)."""
+    code = np.arange(256, dtype=np.int32)
+    exponent, mantissa = (code >> 3) & 0xF, (code & 7).astype(np.float64)
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0 ** -6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    magnitude[(code & 0x7F) == 0x7F] = np.nan
+    return np.where(code & 0x80, -magnitude, magnitude).astype(np.float32)
+
+
+E4M3_VALUES = e4m3_values()
+
+
+@dataclass
+class FP8Tensor:
+    """A float8_e4m3fn weight with one scale per output row (source.py's quantized-tensor contract).
+
+    `pieces` are (codes [..., in] F8_E4M3, scale [..., 1] / [1] / []) stored tensors whose rows,
+    stacked in order, fill the logical `shape` [..., out, in] row-major (several pieces when
+    per-expert tensors are re-stacked).  Nothing is read until `codes()` / `scales()`."""
+
+    shape: tuple[int, ...]
+    pieces: list[tuple[TensorRef, TensorRef]]
+    qtype: str = QTYPE
+
+    def piece_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(codes uint8 [rows, in] memory-mapped, scales float32 [rows, 1]) for each piece."""
+        for codes, scale in self.pieces:
+            raw = codes.raw().reshape(-1, codes.shape[-1])                 # [rows, in]
+            yield raw, np.broadcast_to(scale.load().astype(np.float32).reshape(-1, 1), (raw.shape[0], 1))
+
+    def codes(self) -> np.ndarray:
+        """All codes as uint8 [..., out, in] (a copy only when there are several pieces)."""
+        arrays = [c for c, _ in self.piece_arrays()]
+        return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(self.shape)
+
+    def scales(self) -> np.ndarray:
+        """Row scales float32 [..., out, 1]."""
+        return np.concatenate([s for _, s in self.piece_arrays()]).reshape(*self.shape[:-1], 1)
+
+    def dequantize(self) -> np.ndarray:
+        """code * scale as float32 [..., out, in]."""
+        return E4M3_VALUES[self.codes()] * self.scales()
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def check_fp8_recipe(qc: Mapping[str, Any], source: str) -> None:
+    """Accept only FP8 weights with per-channel or per-tensor scales (what `FP8Tensor` decodes)."""
+    fmt = qc.get("format")
+    if fmt != "float-quantized":
+        raise FormatError(f"{source}: compressed-tensors format {fmt!r} is not supported; "
+                          "expected 'float-quantized' (FP8 e4m3 weights)")
+    for name, group in (qc.get("config_groups") or {}).items():
+        w = (group or {}).get("weights") or {}
+        if (w.get("num_bits"), w.get("type")) != (8, "float") or w.get("strategy") not in ("channel", "tensor"):
+            raise FormatError(f"{source}: quantization_config.config_groups.{name}.weights = "
+                              f"{json.dumps(w, sort_keys=True)}; expected num_bits 8, type 'float', "
+                              "strategy 'channel' or 'tensor'")
+
+
+def pair_quantized(refs: Mapping[str, TensorRef], source: str) -> dict[str, Any]:
+    """Stored name -> TensorRef or FP8Tensor: `X.weight` + `X.weight_scale` become one FP8Tensor."""
+    out: dict[str, Any] = {}
+    for name, ref in refs.items():
+        if name.endswith((".weight_scale", ".input_scale")):
+            continue   # read with their weight; input scales are for static activations (we quantize per token)
+        scale = refs.get(name[:-len("weight")] + "weight_scale") if name.endswith(".weight") else None
+        if scale is None:
+            out[name] = ref
+            continue
+        if ref.dtype != "F8_E4M3" or len(ref.shape) not in (2, 3):
+            raise CheckpointError(f"{source}: quantized tensor {name} is {ref.dtype} {list(ref.shape)}; "
+                                  "expected F8_E4M3 [out, in] (or [E, out, in] for stacked experts)")
+        per_row = (*ref.shape[:-1], 1)
+        if scale.dtype not in FLOAT_DTYPES or tuple(scale.shape) not in (per_row, (1,), ()):
+            raise CheckpointError(f"{source}: {scale.name} is {scale.dtype} {list(scale.shape)}; expected a "
+                                  f"float {list(per_row)} (per channel) or [1] (per tensor) scale")
+        out[name] = FP8Tensor(tuple(ref.shape), [(ref, scale)])
+    return out
+
+
+def restack_experts(tensors: dict[str, Any], cfg: DiffusionGemmaConfig, source: str) -> dict[str, Any]:
+    """Replace per-expert `experts.{e}.{gate,up,down}_proj.weight` by the fused stacked tensors
+    `experts.gate_up_proj` [E, 2I, H] (expert e = gate_e rows then up_e rows) and `experts.down_proj`
+    [E, H, I]."""
+    E, H, M = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    layers: dict[str, dict[tuple[str, int], Any]] = defaultdict(dict)
+    out = {}
+    for name, value in tensors.items():
+        m = PER_EXPERT.match(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if m is None:
+            out[name] = value
+        else:
+            layers[m["layer"]][m["proj"], int(m["e"])] = value
+    for layer, parts in layers.items():
+        for key in [(p, e) for e in range(E) for p in ("gate", "up", "down")]:
+            value = parts.get(key)
+            if not isinstance(value, FP8Tensor):
+                kind = "missing" if value is None else "not FP8 (only quantized per-expert tensors are re-stacked)"
+                raise CheckpointError(f"{source}: {layer}.experts.{key[1]}.{key[0]}_proj.weight is {kind}")
+        gate_up = [p for e in range(E) for proj in ("gate", "up") for p in parts[proj, e].pieces]
+        out[layer + ".experts.gate_up_proj"] = FP8Tensor((E, 2 * M, H), gate_up)
+        out[layer + ".experts.down_proj"] = FP8Tensor((E, H, M), [p for e in range(E) for p in parts["down", e].pieces])
+    return out
+
+
+def check_fp8_tensors(tensors: Mapping[str, Any], cfg: DiffusionGemmaConfig, source: str) -> None:
+    """Every expected tensor is present with its logical shape; unquantized ones are floats."""
+    for name, shape in expected_tensors(cfg).items():
+        value = tensors.get(name)
+        if value is None:
+            raise CheckpointError(f"{source}: missing tensor {name} (expected shape {list(shape)})")
+        if tuple(value.shape) != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(value.shape)}, expected {list(shape)}")
+        if isinstance(value, TensorRef) and value.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{source}: tensor {name} has dtype {value.dtype} and no weight_scale; "
+                                  f"expected one of {', '.join(FLOAT_DTYPES)}")
+
+
+class FP8Tensors(Mapping[str, Any]):
+    """name -> FP8Tensor as is, or a float numpy array read (memory-mapped) on lookup."""
+
+    def __init__(self, tensors: Mapping[str, Any]):
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> Any:
+        value = self.tensors[name]
+        return value if isinstance(value, FP8Tensor) else value.load()
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def read_compressed_tensors(path: Path):
+    """A compressed-tensors FP8 directory (ours, or RedHatAI FP8-dynamic) -> ModelSource."""
+    from portable_dg.source import ModelSource
+    from portable_dg.tokenizer import Tokenizer
+
+    raw = read_json(path / "config.json")
+    check_fp8_recipe(raw["quantization_config"], str(path / "config.json"))
+    config = DiffusionGemmaConfig.from_dict(raw, source=str(path / "config.json"))
+    gen_path = path / "generation_config.json"
+    generation = GenerationConfig.from_dict(read_json(gen_path) if gen_path.exists() else {}, config,
+                                            source=str(gen_path))
+    tensors = sanitize(restack_experts(pair_quantized(open_checkpoint(path), str(path)), config, str(path)))
+    check_fp8_tensors(tensors, config, str(path))
+    metadata = {"synthetic": bool(raw.get("portable_dg_synthetic", False)),
+                "quantization": raw["quantization_config"],
+                "dtypes": sorted({QTYPE if isinstance(v, FP8Tensor) else v.dtype for v in tensors.values()})}
+    return ModelSource(config, generation, FP8Tensors(tensors), Tokenizer.from_directory(path),
+                       "fp8", path, metadata)
+
+
+# --- converting ---------------------------------------------------------------------------------
+
+@dataclass
+class Planned:
+    """One output tensor: stored name, safetensors dtype, shape, and how to compute its bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str            # canonical source name
+    part: str              # "codes", "scale" or "bf16"
+
+    @property
+    def nbytes(self) -> int:
+        size = {"F8_E4M3": 1, "BF16": 2, "F32": 4}[self.dtype]
+        return int(np.prod(self.shape, dtype=np.int64)) * size
+
+
+def plan_tensors(shapes: Mapping[str, tuple[int, ...]]) -> list[Planned]:
+    """The output tensors for canonical names with these shapes, sorted by stored name."""
+    plan = []
+    for name, shape in shapes.items():
+        if QUANTIZED.search(name):
+            module = name.removesuffix(".weight")
+            plan.append(Planned(module + ".weight", "F8_E4M3", shape, name, "codes"))
+            plan.append(Planned(module + ".weight_scale", "F32", (*shape[:-1], 1), name, "scale"))
+        else:
+            plan.append(Planned(name, "BF16", shape, name, "bf16"))
+    return sorted(plan, key=lambda p: p.name)
+
+
+def shard(plan: list[Planned]) -> list[list[Planned]]:
+    """Consecutive groups of at most SHARD_BYTES (a larger tensor gets a shard of its own)."""
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for p in plan:
+        if shards[-1] and size + p.nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float weights [..., out, in] -> (e4m3 codes uint8 [..., out, in], float32 scales [..., out, 1]).
+
+    scale = amax(|row|) / 448 (1 for an all-zero row); codes round to nearest even, saturating."""
+    import torch
+
+    t = torch.from_numpy(np.array(w, dtype=np.float32))                  # a writable copy of the map
+    amax = t.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    codes = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes.view(torch.uint8).numpy(), scale.numpy()
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_shard(path: Path, tensors: list[Planned], encoded: Iterator[np.ndarray]) -> None:
+    """Stream one safetensors file: the header from the plan, then each tensor's bytes in order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for p in tensors:
+        header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for p, data in zip(tensors, encoded):
+            assert data.nbytes == p.nbytes, p.name
+            f.write(data.tobytes())
+
+
+def source_revision(src: Path) -> str | None:
+    """The commit hash of a Hugging Face cache snapshot directory, else None."""
+    return src.name if src.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", src.name) else None
+
+
+def quantization_config(src: Path) -> dict[str, Any]:
+    """The config.json block recording the recipe (compressed-tensors schema + our own notes)."""
+    weights = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+               "dynamic": False, "observer": "minmax", "group_size": None}
+    activations = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                   "dynamic": True, "group_size": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear", "re:.*experts\\.(gate_up|down)_proj$"],
+                                      "weights": weights, "input_activations": activations}},
+        "ignore": ["lm_head", "re:.*embed_tokens", "re:.*router.*", "re:.*self_conditioning.*",
+                   "re:.*vision.*"],
+        "portable_dg": {
+            "recipe": "fp8-e4m3 weights, per-output-channel float32 scale = amax/448, round to "
+                      "nearest even, saturating; activations quantized per token at run time; "
+                      "embedding, router, norms, scalars and self-conditioning kept bf16",
+            "experts": "fused stacked [E, out, in], gate rows before up rows",
+            "source": str(src),
+            "source_revision": source_revision(src),
+        },
+    }
+
+
+def check_paths(src: Path, dst: Path) -> None:
+    """SRC must be an unquantized HF directory; DST must not exist and must not be SRC."""
+    if not (src / "config.json").exists():
+        raise ConfigError(f"{src}: not a Hugging Face model directory (no config.json)")
+    if dst.exists():
+        if dst.resolve() == src.resolve():
+            raise ConfigError(f"{dst}: the output is the source directory; refusing to overwrite it")
+        raise ConfigError(f"{dst}: already exists; choose a new output directory")
+    if "quantization_config" in read_json(src / "config.json") or "quantization" in read_json(src / "config.json"):
+        raise ConfigError(f"{src}: already quantized (config.json has a quantization block); "
+                          "convert from the bf16 checkpoint")
+
+
+def encode(plan: list[Planned], refs: Mapping[str, TensorRef]) -> Iterator[np.ndarray]:
+    """Each planned tensor's stored elements; a quantized weight is read and quantized once."""
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for p in plan:
+        if p.part == "bf16":
+            ref = refs[p.source]
+            yield ref.raw() if ref.dtype == "BF16" else to_bf16_bits(ref.load())
+        else:
+            if p.source not in cache:
+                cache.clear()
+                cache[p.source] = quantize_rows(refs[p.source].load())
+            yield cache[p.source][0 if p.part == "codes" else 1]
+
+
+def convert_fp8(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = True) -> Path:
+    """Quantize a Hugging Face DiffusionGemma checkpoint to our FP8 layout; returns DST.
+
+    Writes into a temporary directory next to DST and renames it at the end, so DST is either
+    complete or absent."""
+    from tqdm import tqdm
+
+    from portable_dg.checkpoint import check_tensors
+
+    src, dst = Path(src), Path(dst)
+    check_paths(src, dst)
+    config = DiffusionGemmaConfig.from_file(src / "config.json")
+    refs = sanitize(open_checkpoint(src))
+    check_tensors(refs, config, str(src))
+    plan = plan_tensors({name: tuple(ref.shape) for name, ref in refs.items()})
+    shards = shard(plan)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        weight_map, bar = {}, tqdm(total=len(refs), desc="fp8", unit="tensor", disable=not progress)
+        for n, tensors in enumerate(shards, 1):
+            file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            write_shard(tmp / file, tensors, counted(encode(tensors, refs), tensors, bar))
+            weight_map.update({p.name: file for p in tensors})
+        bar.close()
+        total = sum(p.nbytes for p in plan)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        copy_side_files(src, tmp)
+        raw = read_json(src / "config.json")
+        raw["quantization_config"] = quantization_config(src)
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def counted(items: Iterator[np.ndarray], plan: list[Planned], bar) -> Iterator[np.ndarray]:
+    """Pass items through, advancing the progress bar once per source tensor."""
+    for p, item in zip(plan, items):
+        yield item
+        if p.part != "codes":
+            bar.update(1)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, generation config, chat template: everything but weights, index and config.json."""
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, dst / f.name)
+
+
+def convert_to_torch(src: str, out: str, quant: str, *, imatrix: str | None = None,
+                     progress: bool = True) -> Path:
+    """`pdg convert SRC OUT --to torch --quant fp8` (the `pdg convert` table's signature)."""
+    from portable_dg.checkpoint import resolve_model_path
+
+    if quant.upper() != "FP8":
+        raise ConfigError(f"--to torch writes FP8 only: use --quant fp8 (got {quant!r}); the torch "
+                          "backend reads bf16 Hugging Face checkpoints as they are")
+    if imatrix is not None:
+        raise ConfigError("--imatrix does not apply to --to torch (FP8 scales are per-channel amax)")
+    return convert_fp8(resolve_model_path(src), out, progress=progress)
