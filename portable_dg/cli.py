@@ -22,6 +22,9 @@ COMMANDS = {
     "quantize": "portable_dg.commands.quantize:quantize",
     "imatrix": "portable_dg.commands.imatrix:imatrix",
     "sudoku": "portable_dg.commands.sudoku:sudoku",
+    "synth": "portable_dg.commands.synth:synth",
+    "bench": "portable_dg.commands.bench:bench",
+    "eval": "portable_dg.commands.eval:eval_command",
 }
 
 
