@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,11 @@ class GgmlBackend(NumpyBackend):
 
     name = "ggml"
 
-    def __init__(self, engine: Any, blas_min_tokens: int):
+    def __init__(self, engine: Any, n_threads: int, blas_min_tokens: int):
         super().__init__("float32")
         self.engine = engine
+        self.n_threads = n_threads
+        self.pool = ThreadPoolExecutor(n_threads)    # parallel dequantization for the BLAS route
         self.blas_min_tokens = blas_min_tokens
         self.names: dict[int, str] = {}     # id(DeviceWeight) -> tensor name, for error messages
 
@@ -96,7 +99,8 @@ class GgmlBackend(NumpyBackend):
         import ggml
 
         ids = self.check_ids(ids, table.shape[0], table)
-        return self.engine.run(ggml.ggml_get_rows, [table, ids], (len(ids), table.shape[1]))
+        return self.engine.run(ggml.ggml_get_rows, [table, ids], (len(ids), table.shape[1]),
+                               work=len(ids) * table.shape[1])
 
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         import ggml
@@ -104,10 +108,10 @@ class GgmlBackend(NumpyBackend):
         x = self.check_input(x, w)
         T, out = x.shape[0], w.shape[0]
         if not self.use_blas(T):
-            return self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out))
+            return self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
         y = np.empty((T, out), np.float32)
         for start, stop in tiles(w, out):
-            y[:, start:stop] = x @ float_rows(w, start, stop).T
+            y[:, start:stop] = x @ self.float_rows(w, start, stop).T
         return y
 
     def soft_embedding(self, probs: np.ndarray, table: Any) -> np.ndarray:
@@ -118,7 +122,7 @@ class GgmlBackend(NumpyBackend):
                               f"the table has {V}")
         out = np.zeros((probs.shape[0], H), np.float32)
         for start, stop in tiles(table, V):
-            out += probs[:, start:stop] @ float_rows(table, start, stop)
+            out += probs[:, start:stop] @ self.float_rows(table, start, stop)
         return out
 
     def expert_linear(self, x: np.ndarray, w: Any, ids: np.ndarray) -> np.ndarray:
@@ -130,15 +134,29 @@ class GgmlBackend(NumpyBackend):
         ids = self.check_ids(ids, E, w)
         if x.shape[0] != T or (x.ndim == 3 and x.shape[1] != k):
             raise ConfigError(f"{self.describe(w)}: input {list(x.shape)} does not match ids {[T, k]}")
-        if not self.use_blas(T):
+        used = np.unique(ids)
+        if not self.use_blas(T * k // len(used)):      # rows per expert GEMM decide the route
             b = x[:, None, :] if x.ndim == 2 else x                     # [T, 1 or k, in]
-            return self.engine.run(ggml.ggml_mul_mat_id, [w, b, ids], (T, k, out))
+            return self.engine.run(ggml.ggml_mul_mat_id, [w, b, ids], (T, k, out), work=T * k * out * w.shape[-1])
         y = np.empty((T, k, out), np.float32)
-        for e in np.unique(ids):                     # group tokens by expert: one GEMM per expert
+        for e in used:                               # group tokens by expert: one GEMM per expert
             t, j = np.nonzero(ids == e)
             rows = x[t] if x.ndim == 2 else x[t, j]  # [n, in]
-            y[t, j] = rows @ float_rows(w, int(e) * out, (int(e) + 1) * out).T
+            y[t, j] = rows @ self.float_rows(w, int(e) * out, (int(e) + 1) * out).T
         return y
+
+    def float_rows(self, w: Any, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of w flattened to [rows, in] as float32: a view of the host memory
+        for F32, else a new array dequantized by ggml's `to_float`, split over the threads."""
+        import ggml
+
+        if w.ggml_type == ggml.GGML_TYPE_F32:
+            return w.host.view(np.float32).reshape(-1, w.shape[-1])[start:stop]
+        out = np.empty((stop - start, w.shape[-1]), np.float32)
+        step = -(-(stop - start) // self.n_threads)          # rows per thread, rounded up
+        parts = [(a, min(stop, a + step)) for a in range(start, stop, step)]
+        list(self.pool.map(lambda p: dequantize_into(w, p[0], p[1], out[p[0] - start:p[1] - start]), parts))
+        return out
 
 
 def tiles(w: Any, rows: int) -> list[tuple[int, int]]:
@@ -150,19 +168,15 @@ def tiles(w: Any, rows: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
-def float_rows(w: Any, start: int, stop: int) -> np.ndarray:
-    """Rows start..stop-1 of w flattened to [rows, in] as float32: a view of the host memory for
-    F32, else a new dequantized array (ggml's own `to_float` for the type)."""
+def dequantize_into(w: Any, start: int, stop: int, out: np.ndarray) -> None:
+    """Dequantize rows start..stop-1 of w (flattened to [rows, in]) into float32 `out`; ctypes
+    releases the GIL for the call, so threads run these in parallel."""
     import ggml
 
     n = w.shape[-1]
-    if w.ggml_type == ggml.GGML_TYPE_F32:
-        return w.host.view(np.float32).reshape(-1, n)[start:stop]
-    out = np.empty((stop - start, n), np.float32)
     to_float = ggml.ggml_get_type_traits(w.ggml_type).contents.to_float
-    offset = start * ggml.ggml_row_size(w.ggml_type, n)
-    to_float(w.host.ctypes.data + offset, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
-    return out
+    to_float(w.host.ctypes.data + start * ggml.ggml_row_size(w.ggml_type, n),
+             out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), (stop - start) * n)
 
 
 def create(n_threads: int | None = None, device: str = "auto",
@@ -191,4 +205,4 @@ def create(n_threads: int | None = None, device: str = "auto",
         engine = Engine(threads, device)
     except RuntimeError as e:
         raise BackendUnavailable(f"ggml backend: {e}") from None
-    return GgmlBackend(engine, blas_min_tokens)
+    return GgmlBackend(engine, threads, blas_min_tokens)

@@ -23,6 +23,8 @@ import ggml
 ALIGNMENT = 32
 # Tensor descriptors one per-call graph may create (inputs, views, the op, its result).
 GRAPH_TENSORS = 16
+# Below this many multiply-adds a graph runs on one thread: waking the others costs more.
+ONE_THREAD_WORK = 1 << 20
 
 
 @dataclass
@@ -53,7 +55,8 @@ def numpy_ggml_type(dtype: np.dtype) -> int:
     return types[np.dtype(dtype)]
 
 
-def free(backend: Any, allocator: Any, graph_ctx: Any, buffers: list[Any], contexts: list[Any]) -> None:
+def free(backend: Any, threadpool: Any, allocator: Any, graph_ctx: Any, buffers: list[Any],
+         contexts: list[Any]) -> None:
     """Free an engine's ggml objects (weights' host memory belongs to their numpy arrays)."""
     for buffer in buffers:
         ggml.ggml_backend_buffer_free(buffer)
@@ -61,6 +64,8 @@ def free(backend: Any, allocator: Any, graph_ctx: Any, buffers: list[Any], conte
         ggml.ggml_free(ctx)
     ggml.ggml_gallocr_free(allocator)
     ggml.ggml_backend_free(backend)
+    if threadpool is not None:
+        ggml.ggml_threadpool_free(threadpool)
 
 
 class Engine:
@@ -83,8 +88,12 @@ class Engine:
         props = ggml.ggml_backend_dev_props()
         ggml.ggml_backend_dev_get_props(self.ggml_device, ctypes.byref(props))
         self.wraps_host_memory = bool(props.caps.buffer_from_host_ptr)
-        if self.is_cpu:
-            ggml.ggml_backend_cpu_set_n_threads(self.backend, n_threads)
+        self.n_threads = n_threads
+        self.threadpool = None
+        if self.is_cpu:    # persistent workers: creating threads per graph costs ~0.2 ms a call
+            params = ggml.ggml_threadpool_params_default(n_threads)
+            self.threadpool = ggml.ggml_threadpool_new(ctypes.byref(params))
+            ggml.ggml_backend_cpu_set_threadpool(self.backend, self.threadpool)
         self.buffer_type = ggml.ggml_backend_get_default_buffer_type(self.backend)
         self.allocator = ggml.ggml_gallocr_new(self.buffer_type)
         size = ggml.ggml_tensor_overhead() * GRAPH_TENSORS + ggml.ggml_graph_overhead()
@@ -93,7 +102,7 @@ class Engine:
             mem_size=size, mem_buffer=ctypes.cast(self.graph_memory, ctypes.c_void_p), no_alloc=True))
         self.weight_buffers: list[Any] = []
         self.weight_contexts: list[Any] = []
-        weakref.finalize(self, free, self.backend, self.allocator, self.graph_ctx,
+        weakref.finalize(self, free, self.backend, self.threadpool, self.allocator, self.graph_ctx,
                          self.weight_buffers, self.weight_contexts)
 
     # --- weights ------------------------------------------------------------------------------
@@ -122,11 +131,12 @@ class Engine:
         return DeviceWeight(tensor, host, ggml_type, tuple(shape))
 
     # --- one-op graphs ------------------------------------------------------------------------
-    def run(self, op: Callable[..., Any], inputs: Sequence[Any], out_shape: Sequence[int]) -> np.ndarray:
+    def run(self, op: Callable[..., Any], inputs: Sequence[Any], out_shape: Sequence[int],
+            work: int) -> np.ndarray:
         """Compute op(ctx, *tensors) -> float32 numpy `out_shape`.
 
         inputs: DeviceWeights (used as they are) and numpy arrays (float32/float16/int32, copied
-        to the device for this call)."""
+        to the device for this call); work: the op's multiply-adds (picks the thread count)."""
         ctx = self.graph_ctx
         ggml.ggml_reset(ctx)
         tensors, uploads = [], []
@@ -148,6 +158,8 @@ class Engine:
             raise RuntimeError("ggml could not allocate the graph")
         for t, x in uploads:
             ggml.ggml_backend_tensor_set(t, x.ctypes.data, 0, x.nbytes)
+        if self.is_cpu:
+            ggml.ggml_backend_cpu_set_n_threads(self.backend, 1 if work < ONE_THREAD_WORK else self.n_threads)
         status = ggml.ggml_backend_graph_compute(self.backend, graph)
         if status != ggml.GGML_STATUS_SUCCESS:
             raise RuntimeError(f"ggml graph compute failed with status {status}")
@@ -156,3 +168,13 @@ class Engine:
             raise ValueError(f"ggml result has {ggml.ggml_nbytes(result)} bytes, expected shape {list(out_shape)}")
         ggml.ggml_backend_tensor_get(result, out.ctypes.data, 0, out.nbytes)
         return out
+
+
+def quantize(w: np.ndarray, ggml_type: int) -> np.ndarray:
+    """float32 [..., n] -> ggml blocks uint8 [rows, row_bytes] through ggml's own quantizer."""
+    n = w.shape[-1]
+    src = np.ascontiguousarray(w, np.float32).reshape(-1, n)
+    out = np.empty((src.shape[0], ggml.ggml_row_size(ggml_type, n)), np.uint8)
+    ggml.ggml_quantize_chunk(ggml_type, src.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.ctypes.data,
+                             0, src.shape[0], n, None)
+    return out
