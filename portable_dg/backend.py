@@ -42,7 +42,8 @@ class Backend(Protocol):
         ...
 
     def asarray(self, a: np.ndarray) -> Array:
-        """Host -> device.  Floats become the compute dtype; integers stay integers (int64 ids)."""
+        """Host -> device.  Floats become the compute dtype, or float32 where that is narrower
+        (bf16 uniforms and self-conditioning logits would skew sampling); integers stay int64."""
         ...
 
     def to_numpy(self, x: Array) -> np.ndarray:
