@@ -113,7 +113,8 @@ class MLXBackend:
         a = np.asarray(a)
         if a.dtype == np.bool_:
             return mx.array(a)
-        return mx.array(a.astype(np.int32)) if a.dtype.kind in "iu" else mx.array(a, self.dtype)
+        # floats stay at least float32 on the host side: bf16 uniforms or SC logits would skew sampling
+        return mx.array(a.astype(np.int64)) if a.dtype.kind in "iu" else mx.array(a, mx.float32)
 
     def to_numpy(self, x: mx.array) -> np.ndarray:
         return np.array(x.astype(mx.float32) if x.dtype in (mx.bfloat16, mx.float16) else x)
