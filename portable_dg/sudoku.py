@@ -264,11 +264,13 @@ def evaluate(model: Any, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *,
     return score(pairs, answers, steps)
 
 
-def reference_evaluate(path: str | Path, pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+def reference_evaluate(path: str | Path, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                       max_denoising_steps: int | None = None,
                        progress: Callable[[int], Any] | None = None) -> Evaluation:
     """The transformers reference on the same checkpoint, made deterministic (spec §7.3): the
     canvas noise is `noise_pattern` and `torch.multinomial` is the argmax.  Needs torch and
-    transformers; compare with `evaluate(..., noise=pattern_noise(V), greedy=True)`."""
+    transformers; compare with `evaluate(..., noise=pattern_noise(V), greedy=True)`.
+    max_denoising_steps: None keeps the checkpoint's generation config."""
     try:
         import torch
         from transformers import DiffusionGemmaForBlockDiffusion
@@ -296,7 +298,8 @@ def reference_evaluate(path: str | Path, pairs: Sequence[tuple[np.ndarray, np.nd
             forward = hf.forward
             hf.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
             with torch.no_grad():
-                out = hf.generate(torch.from_numpy(prompt_ids(puzzle))[None], max_new_tokens=CELLS)
+                out = hf.generate(torch.from_numpy(prompt_ids(puzzle))[None], max_new_tokens=CELLS,
+                                  **({"max_denoising_steps": max_denoising_steps} if max_denoising_steps else {}))
             del hf.forward
             answers.append(grid_from_ids(out.sequences[0, PROMPT_LENGTH:].numpy()))
             steps.append(len(calls))

@@ -44,10 +44,10 @@ VISION = dict(model_type="gemma4_vision", hidden_size=32, num_hidden_layers=1, p
               position_embedding_size=64, intermediate_size=64, num_attention_heads=2,
               num_key_value_heads=2, head_dim=16)
 
-TEXT = dict(vocab_size=len(sudoku.VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+TEXT = dict(vocab_size=len(sudoku.VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=64,
-            num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=64,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
             sliding_window=64, max_position_embeddings=256,
             pad_token_id=sudoku.PAD, eos_token_id=sudoku.EOS, bos_token_id=sudoku.BOS,
             use_bidirectional_attention="vision")
@@ -214,7 +214,7 @@ def train(args) -> None:
         optimizer.step()
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 20 == 0:
+        if step % 5 == 0:
             say(f"step {step} loss {running:.4f} lr {lr:.2e} elapsed {time.time() - start:.0f}s")
         if time.time() - last_save > 60 * args.save_minutes:
             _save(model, args.out, val_prompts, val_targets, generator, say)
@@ -246,10 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--minutes", type=float, default=55.0, help="wall-clock training budget")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--pool", type=int, default=3000, help="easy puzzles in the pool (medium: half)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--pool", type=int, default=600, help="easy puzzles in the pool (medium: half)")
     parser.add_argument("--easy-until", type=float, default=0.5, help="fraction of the budget on easy only")
     parser.add_argument("--save-minutes", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1)

@@ -89,8 +89,6 @@ def run_eval(model, path, n: int, difficulty: str, seed: int, steps: int | None,
 
     if n <= 0:
         raise ConfigError(f"--eval needs a positive number of puzzles, got {n}")
-    if compare and steps is not None:
-        raise ConfigError("--compare runs the checkpoint's own sampler settings; drop --steps")
     pairs = sd.test_set(n, difficulty)
     givens = [int((p > 0).sum()) for p, _ in pairs]
     click.echo(f"held-out set: {n} {difficulty} puzzles, {min(givens)}-{max(givens)} givens "
@@ -105,7 +103,7 @@ def run_eval(model, path, n: int, difficulty: str, seed: int, steps: int | None,
     with click.progressbar(length=n, label="portable_dg", file=sys.stderr) as bar:
         ours = sd.evaluate(model, pairs, noise=noise, greedy=True, progress=lambda i: bar.update(1), **options)
     with click.progressbar(length=n, label="transformers", file=sys.stderr) as bar:
-        ref = sd.reference_evaluate(path, pairs, progress=lambda i: bar.update(1))
+        ref = sd.reference_evaluate(path, pairs, max_denoising_steps=steps, progress=lambda i: bar.update(1))
     agree = sum(a == b for a, b in zip(ours.answers, ref.answers))
     click.echo(f"portable_dg (deterministic): {ours.summary()}")
     click.echo(f"transformers (deterministic): {ref.summary()}")
