@@ -32,3 +32,37 @@ def tiny_dir(tmp_path_factory):
 def tiny_a(tiny_dir) -> Path:
     """The spec §7.1 tiny checkpoint (fp32)."""
     return tiny_dir("a")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    """Factory: tiny_model(name="a", **load_options) -> portable_dg.Model on the numpy backend (cached)."""
+    import portable_dg
+
+    loaded: dict[tuple, object] = {}
+
+    def make(name: str = "a", **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in loaded:
+            loaded[key] = portable_dg.load(tiny_dir(name), **options)
+        return loaded[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dir):
+    """Factory: hf_model(name="a", dtype="float32") -> the transformers model of a tiny checkpoint
+    (cached; float64 is a copy of the float32 model with eager experts)."""
+    from reference import as_float64, load_hf
+
+    loaded: dict[tuple[str, str], object] = {}
+
+    def make(name: str = "a", dtype: str = "float32"):
+        if (name, "float32") not in loaded:
+            loaded[name, "float32"] = load_hf(tiny_dir(name))
+        if (name, dtype) not in loaded:
+            loaded[name, dtype] = as_float64(loaded[name, "float32"])
+        return loaded[name, dtype]
+
+    return make

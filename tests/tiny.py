@@ -69,3 +69,8 @@ def build_tiny(path: str | Path, name: str = "a", seed: int = 0, dtype: str = "f
         model = model.to(getattr(torch, dtype))
     model.save_pretrained(str(path))
     return model
+
+
+def tiny_prompt(length: int, vocab_size: int) -> list[int]:
+    """A deterministic prompt: BOS, then `length - 1` ids spread over the vocabulary."""
+    return [2] + [(7 * i + 11) % vocab_size for i in range(length - 1)]
