@@ -153,7 +153,7 @@ class DiffusionGemmaConfig:
                 kwargs[key] = d[key]
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ConfigError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
