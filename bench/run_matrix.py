@@ -268,6 +268,8 @@ def main() -> None:
                 print(f"numpy floor ({mode}): {f['gflop_per_step']:.1f} GFLOP/step / {sgemm / 1e9:.1f} GFLOP/s "
                       f"= {f['floor_ms']:.0f} ms; measured {f['measured_ms']:.0f} ms ({f['ratio']:.2f}x)",
                       file=sys.stderr)
+            # rewritten after every variant, so an interrupted matrix still leaves its results
+            args.out.write_text(results_markdown(info, sgemm, rows, floors, [], args, config))
     quality = [(b, label, q) for b, label, path in todo if path != source
                for q in [run_eval(path, b, source)] if q is not None]
     args.out.write_text(results_markdown(info, sgemm, rows, floors, quality, args, config))

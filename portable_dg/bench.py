@@ -472,15 +472,15 @@ def format_table(report: dict[str, Any]) -> str:
     columns = [(f"{report['backend']}" + (f" {report['quant']}" if report["quant"] else ""), report)]
     if report.get("reference"):
         columns.append(("transformers", report["reference"]))
-    header = f"{'metric':<24}" + "".join(f"{name:>30}" for name, _ in columns)
+    header = f"{'metric':<24}" + "".join(f" {name:>34}" for name, _ in columns)
     lines = [header, "-" * len(header)]
     for metric in METRICS:
-        cells = "".join(f"{cell(col['metrics'][metric]):>30}" for _, col in columns)
+        cells = "".join(f" {cell(col['metrics'][metric]):>34}" for _, col in columns)
         lines.append(f"{metric:<24}{cells}")
-    peak = "".join(f"{human_bytes(col['memory']['peak_host_bytes']):>30}" for _, col in columns)
+    peak = "".join(f" {human_bytes(col['memory']['peak_host_bytes']):>34}" for _, col in columns)
     lines.append(f"{'peak_host_memory':<24}{peak}")
     if any(col["memory"]["peak_device_bytes"] for _, col in columns):
-        dev = "".join(f"{human_bytes(col['memory']['peak_device_bytes'] or 0):>30}" for _, col in columns)
+        dev = "".join(f" {human_bytes(col['memory']['peak_device_bytes'] or 0):>34}" for _, col in columns)
         lines.append(f"{'peak_device_memory':<24}{dev}")
     s = report["settings"]
     lines.append(f"settings: prompt {s['prompt_len']}, new tokens {s['new_tokens']}, steps {s['steps']}, "
