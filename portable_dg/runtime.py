@@ -43,9 +43,17 @@ class Model:
         ids = self.check_ids(prompt_ids, "prompt_ids")
         if len(ids) == 0:
             raise ConfigError("prompt_ids is empty: the encoder needs at least one token")
+        self.check_positions(0, len(ids), "prompt_ids")
         ctx = Context(self, self.network.make_cache())
         self.network.encode(ids, ctx.cache)
         return ctx
+
+    def check_positions(self, start: int, count: int, what: str) -> None:
+        """Positions start..start+count-1 must lie inside the model's context."""
+        limit = self.config.max_position_embeddings
+        if start + count > limit:
+            raise ConfigError(f"{what}: {count} tokens at position {start} exceed the model's context "
+                              f"of {limit} positions (max_position_embeddings)")
 
     def check_ids(self, ids: Sequence[int] | np.ndarray, what: str) -> np.ndarray:
         """ids as a 1-D int64 array, each in [0, vocab_size)."""
@@ -84,6 +92,7 @@ class Context:
         self_conditioning: the previous step's temperature-scaled logits [canvas_len, vocab]."""
         B = self.model.backend
         canvas = self.model.check_ids(canvas_ids, "canvas_ids")
+        self.model.check_positions(self.length, len(canvas), "canvas_ids")
         sc = None
         if self_conditioning is not None:
             sc_arr = np.asarray(self_conditioning)
@@ -97,6 +106,7 @@ class Context:
     def commit(self, block_ids: Sequence[int] | np.ndarray) -> None:
         """Encoder pass over a finished block at the next positions (appends it to the cache)."""
         ids = self.model.check_ids(block_ids, "block_ids")
+        self.model.check_positions(self.length, len(ids), "block_ids")
         self.model.network.encode(ids, self.cache)
 
 

@@ -75,20 +75,6 @@ def test_logits_match_transformers(name, prompt_kind, tiny_model, hf_model):
         assert diff <= bound, f"{label} step: max |logit diff| {diff:.3g} > {bound:.3g}"
 
 
-def test_float64_backend_matches_float32(tiny_model):
-    """The numpy backend in float64 agrees with float32 (and both are the same model)."""
-    name = "a"
-    V, L = vocab(name), canvas_length(name)
-    prompt, canvas = tiny_prompt(2 * window(name) + 3, V), pattern(L, V)
-    runs = []
-    for model in (tiny_model(name), tiny_model(name, backend="numpy", dtype="float64")):
-        ctx = model.start(prompt)
-        plain = ctx.denoise(canvas)
-        runs.append((plain, ctx.denoise(canvas, self_conditioning=plain / TEMPERATURE)))
-    for a, b in zip(*runs):
-        assert float(np.abs(a - b).max()) <= LOGIT_TOLERANCE
-
-
 # --- teacher-forced replay of transformers' generate (spec §7.3) -----------------------------------
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_teacher_forced_replay(name, tiny_model, hf_model):
