@@ -4,11 +4,14 @@ Activations are float32 numpy arrays, so every elementwise, attention and sample
 reference backend's (inherited, not copied).  Weights (2-D and stacked 3-D) live in ggml, in their
 stored type (F32, F16, BF16, Q8_0, Q4_0, K-quants, ...), wrapped in place over the memory-mapped
 file bytes.  The heavy products go to ggml (`ggml_mul_mat`, `ggml_mul_mat_id`, `ggml_get_rows`),
-except where measurement says numpy's BLAS is faster: on the CPU device, a product over at least
-`blas_min_tokens` rows dequantizes the weight tile by tile (bounded memory, never a full
-dequantized copy) and multiplies the tiles with BLAS; the self-conditioning soft lookup (a
-[T, V] @ [V, H] product) always does.  A ggml built with Vulkan, CUDA or Metal is used when
-present (`device="auto"`); there every linear runs in ggml.
+except where measurement says numpy's BLAS is faster: on the CPU device, an F32 product over at
+least `blas_min_tokens` rows (per expert, for the experts) runs in numpy's BLAS on the weight's
+host memory.  For quantized weights ggml's own kernels win (dequantizing tiles for BLAS measured
+30-45% slower per denoising step), except in the self-conditioning soft lookup (a [T, V] @ [V, H]
+product ggml has no kernel for with the table stored as rows of H): there the table is
+dequantized tile by tile (bounded memory, never a full copy) and multiplied with BLAS.  A ggml
+built with Vulkan, CUDA or Metal is used when present (`device="auto"`); there every product but
+the soft lookup runs in ggml.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from portable_dg.errors import BackendUnavailable, CheckpointError, ConfigError
 
 # Formats whose tensors `weight()` takes without dequantizing them first.
 FORMATS = ("hf", "gguf")
-# A product with at least this many rows runs as dequantized tiles through numpy's BLAS on the
-# CPU device (measured crossover, see the README's ggml section); fewer rows run in ggml.
+# An F32 product with at least this many rows runs in numpy's BLAS on the CPU device; fewer run in
+# ggml (a ggml call costs ~30 us; numpy's F32 GEMM is 3-5x ggml's F32 kernel on large products).
 BLAS_MIN_TOKENS = 32
 # float32 values per dequantized tile (16 MiB): bounds the memory the BLAS route adds.
 TILE_VALUES = 1 << 22
@@ -91,8 +94,10 @@ class GgmlBackend(NumpyBackend):
                               f"got {int(ids.min())}..{int(ids.max())}")
         return np.ascontiguousarray(ids, np.int32)
 
-    def use_blas(self, rows: int) -> bool:
-        return self.engine.is_cpu and rows >= self.blas_min_tokens
+    def use_blas(self, w: Any, rows: int) -> bool:
+        import ggml
+
+        return self.engine.is_cpu and w.ggml_type == ggml.GGML_TYPE_F32 and rows >= self.blas_min_tokens
 
     # --- products -------------------------------------------------------------------------------
     def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
@@ -107,12 +112,9 @@ class GgmlBackend(NumpyBackend):
 
         x = self.check_input(x, w)
         T, out = x.shape[0], w.shape[0]
-        if not self.use_blas(T):
-            return self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
-        y = np.empty((T, out), np.float32)
-        for start, stop in tiles(w, out):
-            y[:, start:stop] = x @ self.float_rows(w, start, stop).T
-        return y
+        if self.use_blas(w, T):
+            return x @ self.float_rows(w, 0, out).T
+        return self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
 
     def soft_embedding(self, probs: np.ndarray, table: Any) -> np.ndarray:
         V, H = table.shape
@@ -135,7 +137,7 @@ class GgmlBackend(NumpyBackend):
         if x.shape[0] != T or (x.ndim == 3 and x.shape[1] != k):
             raise ConfigError(f"{self.describe(w)}: input {list(x.shape)} does not match ids {[T, k]}")
         used = np.unique(ids)
-        if not self.use_blas(T * k // len(used)):      # rows per expert GEMM decide the route
+        if not self.use_blas(w, T * k // len(used)):      # rows per expert GEMM decide the route
             b = x[:, None, :] if x.ndim == 2 else x                     # [T, 1 or k, in]
             return self.engine.run(ggml.ggml_mul_mat_id, [w, b, ids], (T, k, out), work=T * k * out * w.shape[-1])
         y = np.empty((T, k, out), np.float32)

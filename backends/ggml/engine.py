@@ -90,7 +90,7 @@ class Engine:
         self.wraps_host_memory = bool(props.caps.buffer_from_host_ptr)
         self.n_threads = n_threads
         self.threadpool = None
-        if self.is_cpu:    # persistent workers: creating threads per graph costs ~0.2 ms a call
+        if self.is_cpu:    # persistent workers for builds without OpenMP, which would start threads per graph
             params = ggml.ggml_threadpool_params_default(n_threads)
             self.threadpool = ggml.ggml_threadpool_new(ctypes.byref(params))
             ggml.ggml_backend_cpu_set_threadpool(self.backend, self.threadpool)

@@ -18,7 +18,7 @@ from portable_dg.errors import BackendUnavailable, CheckpointError, ConfigError 
 from portable_dg.sampler import generate  # noqa: E402
 
 REF = NumpyBackend()
-# The two routes of every product: ggml throughout, and dequantized tiles through numpy's BLAS.
+# The two routes of F32 products: ggml throughout, and numpy's BLAS.
 ROUTES = {"ggml": 10 ** 9, "blas": 1}
 
 
@@ -63,7 +63,8 @@ def test_expert_linear_f32(backend, shared_input):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
 def test_quantized_products_match_an_independent_dequantization(backend, qtype):
-    """Stored blocks stay blocks; products agree with gguf-py's numpy dequantization."""
+    """Stored blocks stay blocks; products agree with gguf-py's numpy dequantization (ggml rounds
+    the activations to 8 bits for a quantized weight; the soft lookup dequantizes exactly)."""
     gguf = pytest.importorskip("gguf")
     t = getattr(ggml, f"GGML_TYPE_{qtype}")
     E, out, n, T = 3, 24, 256, 40
@@ -78,15 +79,15 @@ def test_quantized_products_match_an_independent_dequantization(backend, qtype):
     ids = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1)
     x = rand(T, n)
     expected = REF.expert_linear(x, dense, ids)
-    # ggml's route rounds the activations to 8 bits for a quantized weight
-    tolerance = 1e-4 if backend.blas_min_tokens == 1 else 2e-2
     got = backend.expert_linear(x, W, ids)
-    assert np.linalg.norm(got - expected) <= tolerance * np.linalg.norm(expected)
+    assert np.linalg.norm(got - expected) <= 2e-2 * np.linalg.norm(expected)
     Stored.shape, Stored.data = (E * out, n), blocks.reshape(E * out, -1)
     W2 = backend.weight("dense", Stored)
     expected = x @ dense.reshape(E * out, n).T
-    assert np.linalg.norm(backend.linear(x, W2) - expected) <= tolerance * np.linalg.norm(expected)
+    assert np.linalg.norm(backend.linear(x, W2) - expected) <= 2e-2 * np.linalg.norm(expected)
     np.testing.assert_allclose(backend.embedding(W2, np.array([2, 70])), dense.reshape(-1, n)[[2, 70]], atol=1e-6)
+    probs = REF.softmax(rand(T, E * out, seed=6))
+    np.testing.assert_allclose(backend.soft_embedding(probs, W2), probs @ dense.reshape(E * out, n), rtol=1e-4, atol=1e-6)
 
 
 # --- the inherited numpy ops still behave --------------------------------------------------------
@@ -176,16 +177,15 @@ def kl_and_top1(ref, other):
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_quantized_gguf_matches_numpy_on_the_same_file(gguf_file, quant, route):
-    """Same blocks, two backends.  The BLAS route dequantizes exactly as numpy does; ggml's own
-    route also rounds the activations to 8 bits, which moves this flat-logit model (logit std
-    0.16) by KL 1.9e-3 (Q8_0) and 3.2e-3 (Q4_K_M), as much as quantizing the weights did (Q8_0
-    vs F32: 2.0e-3).  Block layouts are checked tightly op by op above."""
+    """Same blocks, two backends.  ggml's kernels round the activations to 8 bits, which moves
+    this flat-logit model (logit std 0.16) by KL 1.9e-3 (Q8_0) and 3.2e-3 (Q4_K_M), as much as
+    quantizing the weights did (Q8_0 vs F32: 2.0e-3).  Block layouts are checked op by op above."""
     path = gguf_file(quant)
     ref = canvas_logits(portable_dg.load(path)).astype(np.float64)
     ours = canvas_logits(portable_dg.load(path, backend="ggml", n_threads=2,
                                           blas_min_tokens=ROUTES[route])).astype(np.float64)
     kl, _ = kl_and_top1(ref, ours)
-    assert kl < (1e-9 if route == "blas" else 6e-3), kl
+    assert kl < 6e-3, kl
 
 
 # --- bad input ---------------------------------------------------------------------------------------
