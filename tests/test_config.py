@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -137,7 +138,7 @@ def test_bad_generation_config(change, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def edited_copy(tiny_dir, tmp_path, file: str, edit) -> "Path":  # noqa: F821
+def edited_copy(tiny_dir, tmp_path, file: str, edit) -> Path:
     """A copy of checkpoint "a" with one JSON file edited (or removed when edit returns None)."""
     target = tmp_path / "ckpt"
     shutil.copytree(tiny_dir("a"), target)
@@ -149,7 +150,7 @@ def edited_copy(tiny_dir, tmp_path, file: str, edit) -> "Path":  # noqa: F821
     return target
 
 
-def snapshot(directory) -> dict:
+def snapshot(directory: Path) -> dict:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
 
 
