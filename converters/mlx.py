@@ -32,9 +32,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, expected_tensors, open_checkpoint,
-                                    resolve_model_path, sanitize)
-from portable_dg.config import DiffusionGemmaConfig, GenerationConfig, read_json
+from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, check_tensors, expected_tensors,
+                                    open_checkpoint, resolve_model_path, sanitize)
+from portable_dg.config import read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
 
 # --quant -> (mode, bits, default group size), None = not quantized
@@ -128,15 +128,11 @@ def float_or_raw(ref: TensorRef) -> np.ndarray:
 # --- reading -----------------------------------------------------------------------------------------
 def read_mlx(path: Path):
     """An MLX model directory (ours or mlx-vlm's) -> ModelSource with packed quantized tensors."""
-    from portable_dg.source import ModelSource
+    from portable_dg.source import LazyTensors, ModelSource, read_configs
     from portable_dg.tokenizer import Tokenizer
 
     path = Path(path)
-    raw_config = read_json(path / "config.json")
-    config = DiffusionGemmaConfig.from_dict(raw_config, source=str(path / "config.json"))
-    gen_path = path / "generation_config.json"
-    generation = GenerationConfig.from_dict(read_json(gen_path) if gen_path.exists() else {}, config,
-                                            source=str(gen_path))
+    raw_config, config, generation = read_configs(path)
     qconfig = quantization_block(raw_config, path)
     refs = open_checkpoint(path)
     expected = expected_tensors(config)
@@ -152,11 +148,11 @@ def read_mlx(path: Path):
         params = module_params(module, qconfig, refs, path)
         stored[name] = ref if params is None else quantized_ref(module, expected[canonical], refs, params, path)
     tensors = sanitize(stored)
-    check_mlx_tensors(tensors, expected, path)
+    check_tensors(tensors, config, str(path), quantized_as=".scales")
     metadata = {"synthetic": bool(raw_config.get("portable_dg_synthetic", False)),
                 "quantization": {k: qconfig[k] for k in ("mode", "bits", "group_size")},
                 "dtypes": sorted({t.dtype for t in refs.values()})}
-    return ModelSource(config, generation, LoadOnLookup({n: tensors[n] for n in expected}),
+    return ModelSource(config, generation, LazyTensors({n: tensors[n] for n in expected}),
                        Tokenizer.from_directory(path), "mlx", path, metadata)
 
 
@@ -232,35 +228,6 @@ def quantized_ref(module: str, shape: tuple[int, ...], refs: Mapping[str, Tensor
                           f"({mode}, {bits} bits, groups of {gs}; logical shape {list(shape)}): "
                           + "; ".join(problems))
     return QuantizedRef(tuple(shape), weight, scales, biases, params)
-
-
-def check_mlx_tensors(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], path: Path) -> None:
-    """Raise CheckpointError naming the first missing or misshaped text tensor."""
-    for name, shape in expected.items():
-        t = tensors.get(name)
-        if t is None:
-            raise CheckpointError(f"{path}: missing tensor {name} (expected shape {list(shape)})")
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
-        if isinstance(t, TensorRef) and t.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {t.dtype} but no .scales "
-                                  f"(expected a float tensor or a quantized module)")
-
-
-class LoadOnLookup(Mapping[str, Any]):
-    """name -> numpy array or MLXQuantized, read only when looked up."""
-
-    def __init__(self, refs: Mapping[str, Any]):
-        self.refs = refs
-
-    def __getitem__(self, name: str) -> Any:
-        return self.refs[name].load()
-
-    def __iter__(self):
-        return iter(self.refs)
-
-    def __len__(self) -> int:
-        return len(self.refs)
 
 
 # --- writing -----------------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, expected_tensors, open_checkpoint,
+from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, check_tensors, open_checkpoint,
                                     sanitize)
-from portable_dg.config import DiffusionGemmaConfig, GenerationConfig, read_json
+from portable_dg.config import DiffusionGemmaConfig, read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
 
 E4M3_MAX = 448.0
@@ -149,53 +149,20 @@ def restack_experts(tensors: dict[str, Any], cfg: DiffusionGemmaConfig, source: 
     return out
 
 
-def check_fp8_tensors(tensors: Mapping[str, Any], cfg: DiffusionGemmaConfig, source: str) -> None:
-    """Every expected tensor is present with its logical shape; unquantized ones are floats."""
-    for name, shape in expected_tensors(cfg).items():
-        value = tensors.get(name)
-        if value is None:
-            raise CheckpointError(f"{source}: missing tensor {name} (expected shape {list(shape)})")
-        if tuple(value.shape) != shape:
-            raise CheckpointError(f"{source}: tensor {name} has shape {list(value.shape)}, expected {list(shape)}")
-        if isinstance(value, TensorRef) and value.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{source}: tensor {name} has dtype {value.dtype} and no weight_scale; "
-                                  f"expected one of {', '.join(FLOAT_DTYPES)}")
-
-
-class FP8Tensors(Mapping[str, Any]):
-    """name -> FP8Tensor as is, or a float numpy array read (memory-mapped) on lookup."""
-
-    def __init__(self, tensors: Mapping[str, Any]):
-        self.tensors = tensors
-
-    def __getitem__(self, name: str) -> Any:
-        value = self.tensors[name]
-        return value if isinstance(value, FP8Tensor) else value.load()
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-
 def read_compressed_tensors(path: Path):
     """A compressed-tensors FP8 directory (ours, or RedHatAI FP8-dynamic) -> ModelSource."""
-    from portable_dg.source import ModelSource
+    from portable_dg.source import LazyTensors, ModelSource, read_configs
     from portable_dg.tokenizer import Tokenizer
 
     raw = read_json(path / "config.json")
     check_fp8_recipe(raw["quantization_config"], str(path / "config.json"))
-    config = DiffusionGemmaConfig.from_dict(raw, source=str(path / "config.json"))
-    gen_path = path / "generation_config.json"
-    generation = GenerationConfig.from_dict(read_json(gen_path) if gen_path.exists() else {}, config,
-                                            source=str(gen_path))
+    _, config, generation = read_configs(path)
     tensors = sanitize(restack_experts(pair_quantized(open_checkpoint(path), str(path)), config, str(path)))
-    check_fp8_tensors(tensors, config, str(path))
+    check_tensors(tensors, config, str(path), quantized_as="weight_scale")
     metadata = {"synthetic": bool(raw.get("portable_dg_synthetic", False)),
                 "quantization": raw["quantization_config"],
                 "dtypes": sorted({QTYPE if isinstance(v, FP8Tensor) else v.dtype for v in tensors.values()})}
-    return ModelSource(config, generation, FP8Tensors(tensors), Tokenizer.from_directory(path),
+    return ModelSource(config, generation, LazyTensors(tensors), Tokenizer.from_directory(path),
                        "fp8", path, metadata)
 
 

@@ -15,7 +15,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -202,18 +202,23 @@ def expected_tensors(cfg: DiffusionGemmaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(tensors: Mapping[str, TensorRef], cfg: DiffusionGemmaConfig, source: str) -> None:
-    """Raise CheckpointError naming the first missing, misshaped or non-float tensor."""
-    expected = expected_tensors(cfg)
-    for name, shape in expected.items():
+def check_tensors(tensors: Mapping[str, Any], cfg: DiffusionGemmaConfig, source: str,
+                  quantized_as: str = "") -> None:
+    """Raise CheckpointError naming the first missing, misshaped or non-float tensor.
+
+    Values are TensorRefs or quantized tensor objects (anything with the logical `shape`); a
+    stored TensorRef must be a float.  quantized_as names what would have made a non-float
+    tensor a quantized one in this format (e.g. "a weight_scale"), for the error message."""
+    for name, shape in expected_tensors(cfg).items():
         ref = tensors.get(name)
         if ref is None:
             raise CheckpointError(f"{source}: missing tensor {name} (expected shape {list(shape)})")
         if tuple(ref.shape) != shape:
             raise CheckpointError(f"{source}: tensor {name} has shape {list(ref.shape)}, "
                                   f"expected {list(shape)}")
-        if ref.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{source}: tensor {name} has dtype {ref.dtype}, "
+        if isinstance(ref, TensorRef) and ref.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{source}: tensor {name} has dtype {ref.dtype}"
+                                  f"{f' and no {quantized_as}' if quantized_as else ''}; "
                                   f"expected one of {', '.join(FLOAT_DTYPES)}")
 
 

@@ -13,6 +13,7 @@ Readers: Hugging Face directories here; GGUF files and MLX directories in `porta
 from __future__ import annotations
 
 import importlib
+from collections import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -36,30 +37,37 @@ class ModelSource:
     metadata: dict[str, Any] = field(default_factory=dict)  # quantization, synthetic, ...
 
 
-def read_hf(path: Path) -> ModelSource:
-    """A Hugging Face checkpoint directory (single or sharded safetensors)."""
-    config = DiffusionGemmaConfig.from_file(path / "config.json")
+def read_configs(path: Path) -> tuple[dict[str, Any], DiffusionGemmaConfig, GenerationConfig]:
+    """(raw config.json, model config, generation config) of a checkpoint directory."""
+    raw = read_json(path / "config.json")
+    config = DiffusionGemmaConfig.from_dict(raw, source=str(path / "config.json"))
     gen_path = path / "generation_config.json"
     generation = GenerationConfig.from_dict(read_json(gen_path) if gen_path.exists() else {}, config,
                                             source=str(gen_path))
-    raw = read_json(path / "config.json")
+    return raw, config, generation
+
+
+def read_hf(path: Path) -> ModelSource:
+    """A Hugging Face checkpoint directory (single or sharded safetensors)."""
+    raw, config, generation = read_configs(path)
     tensors = sanitize(open_checkpoint(path))
     check_tensors(tensors, config, str(path))
-    metadata = {"synthetic": bool(raw.get("portable_dg_synthetic", False))}
-    dtypes = sorted({ref.dtype for ref in tensors.values()})
-    metadata["dtypes"] = dtypes
+    metadata = {"synthetic": bool(raw.get("portable_dg_synthetic", False)),
+                "dtypes": sorted({ref.dtype for ref in tensors.values()})}
     return ModelSource(config, generation, LazyTensors(tensors), Tokenizer.from_directory(path),
                        "hf", path, metadata)
 
 
-class LazyTensors(Mapping[str, Any]):
-    """name -> numpy array, read (memory-mapped; bf16 widened) only when looked up."""
+class LazyTensors(abc.Mapping):
+    """name -> tensor, read on lookup: values with a `load()` (memory-mapped TensorRefs, a
+    format's quantized references) are loaded then; others are returned as they are."""
 
     def __init__(self, refs: Mapping[str, Any]):
         self.refs = refs
 
     def __getitem__(self, name: str) -> Any:
-        return self.refs[name].load()
+        value = self.refs[name]
+        return value.load() if hasattr(value, "load") else value
 
     def __iter__(self):
         return iter(self.refs)
