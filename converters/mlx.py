@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, check_tensors, expe
                                     open_checkpoint, resolve_model_path, sanitize)
 from portable_dg.config import read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
+from portable_dg.safetensors_writer import Entry, f32_to_bf16_bits, split_shards, write_index, write_safetensors
 
 # --quant -> (mode, bits, default group size), None = not quantized
 QUANTS: dict[str, tuple[str, int, int] | None] = {
@@ -52,7 +52,6 @@ COPIED_FILES = ("*.json", "*.jinja", "*.txt", "tokenizer.model")
 ENCODER_TEXT = re.compile(r"^model\.encoder\.language_model\.(.*)$")
 NON_TEXT = re.compile(r"^model\.encoder\.(vision_tower|embed_vision|audio_tower|embed_audio)\.")
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1}
 
 
 # --- the quantized tensor --------------------------------------------------------------------------
@@ -240,18 +239,18 @@ class Planned:
     float_dtype: str                 # "F32", "F16" or "BF16": the stored float dtype (and scales')
     quant: dict[str, Any] | None     # {"group_size", "bits", "mode"} or None
 
-    def parts(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, safetensors dtype, shape) of every stored tensor."""
+    def parts(self) -> list[Entry]:
+        """Every stored tensor of this output (weight, and scales/biases when quantized)."""
         shape = tuple(self.ref.shape)
         if self.quant is None:
-            return [(self.name, self.float_dtype, shape)]
+            return [Entry(self.name, self.float_dtype, shape)]
         module = self.name[:-len(".weight")]
         n_in, bits, gs = shape[-1], self.quant["bits"], self.quant["group_size"]
         small = (*shape[:-1], n_in // gs)
-        parts = [(self.name, "U32", (*shape[:-1], n_in * bits // 32)),
-                 (module + ".scales", "U8" if self.quant["mode"] == "mxfp4" else self.float_dtype, small)]
+        parts = [Entry(self.name, "U32", (*shape[:-1], n_in * bits // 32)),
+                 Entry(module + ".scales", "U8" if self.quant["mode"] == "mxfp4" else self.float_dtype, small)]
         if self.quant["mode"] == "affine":
-            parts.append((module + ".biases", self.float_dtype, small))
+            parts.append(Entry(module + ".biases", self.float_dtype, small))
         return parts
 
 
@@ -313,18 +312,12 @@ def quantization_config(plan: list[Planned], quant: str, group_size: int | None)
     return block
 
 
-def to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def source_values(ref: TensorRef, dtype: str) -> np.ndarray:
     """A source tensor in the stored float dtype `dtype` (bf16 as uint16 bit patterns)."""
     if dtype == ref.dtype:
         return np.asarray(ref.raw())
     values = np.asarray(ref.load(), np.float32)
-    return to_bf16_bits(values) if dtype == "BF16" else values.astype({"F32": np.float32, "F16": np.float16,
+    return f32_to_bf16_bits(values) if dtype == "BF16" else values.astype({"F32": np.float32, "F16": np.float16,
                                                                         "F64": np.float64}[dtype])
 
 
@@ -346,40 +339,22 @@ def encode(p: Planned) -> list[np.ndarray]:
     return out
 
 
-def shard(plan: list[Planned], max_bytes: int) -> list[list[Planned]]:
-    """Consecutive groups of planned tensors, each at most max_bytes (a bigger tensor alone)."""
-    shards: list[list[Planned]] = [[]]
-    size = 0
-    for p in plan:
-        n = sum(int(np.prod(s)) * ITEMSIZE[d] for _, d, s in p.parts())
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(p)
-        size += n
-    return shards
+def stored_entries(group: list[Planned]) -> list[Entry]:
+    """The safetensors entries of a group of planned outputs, in order."""
+    return [e for p in group for e in p.parts()]
 
 
 def write_shard(path: Path, plan: list[Planned], metadata: dict[str, str], progress) -> None:
     """Write one safetensors file, encoding one planned tensor at a time."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for p in plan:
-        for name, dtype, shape in p.parts():
-            n = int(np.prod(shape)) * ITEMSIZE[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
+    def chunks():
         for p in plan:
-            for (name, dtype, shape), array in zip(p.parts(), encode(p)):
-                if tuple(array.shape) != tuple(shape) or array.dtype.itemsize != ITEMSIZE[dtype]:
-                    raise FormatError(f"internal: {name} encoded as {array.dtype} {list(array.shape)}, "
-                                      f"planned {dtype} {list(shape)}")
-                f.write(np.ascontiguousarray(array).tobytes())
+            for entry, array in zip(p.parts(), encode(p)):
+                if tuple(array.shape) != entry.shape or array.dtype.itemsize * array.size != entry.nbytes:
+                    raise FormatError(f"internal: {entry.name} encoded as {array.dtype} {list(array.shape)}, "
+                                      f"planned {entry.dtype} {list(entry.shape)}")
+                yield array
             progress.update(1)
+    write_safetensors(path, stored_entries(plan), chunks(), metadata)
 
 
 def output_config(src_config: dict[str, Any], qblock: dict[str, Any] | None, quant: str, src: Path) -> dict[str, Any]:
@@ -429,7 +404,7 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
     plan = plan_conversion(open_checkpoint(src), quant, group_size)
     if any(p.quant is not None for p in plan):
         require_mlx()
-    shards = shard(plan, max_shard_bytes)
+    shards = split_shards(plan, lambda p: sum(e.nbytes for e in p.parts()), max_shard_bytes)
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
@@ -437,7 +412,8 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
         with tqdm(total=len(plan), desc=f"convert to mlx ({quant})", unit="tensor", disable=not progress) as bar:
             for f, group in zip(files, shards):
                 write_shard(tmp / f, group, {"format": "mlx"}, bar)
-        write_index(tmp, plan, files, shards)
+        write_index(tmp, [(f, stored_entries(g)) for f, g in zip(files, shards)],
+                    total_parameters=sum(int(np.prod(p.ref.shape)) for p in plan))
         for pattern in COPIED_FILES:
             for path in src.glob(pattern):
                 if path.name not in ("config.json", "model.safetensors.index.json"):
@@ -484,17 +460,3 @@ def require_mlx() -> None:
         from portable_dg.errors import BackendUnavailable
         raise BackendUnavailable("quantized MLX conversion needs the mlx package: "
                                  "pip install 'portable-dg[mlx]' (--quant none|bf16 does not)") from None
-
-
-def write_index(directory: Path, plan: list[Planned], files: list[str], shards: list[list[Planned]]) -> None:
-    """model.safetensors.index.json: total bytes, parameters (quantized counted unpacked), weight_map."""
-    weight_map, total = {}, 0
-    for f, group in zip(files, shards):
-        for p in group:
-            for name, dtype, shape in p.parts():
-                weight_map[name] = f
-                total += int(np.prod(shape)) * ITEMSIZE[dtype]
-    parameters = sum(int(np.prod(p.ref.shape)) for p in plan)
-    index = {"metadata": {"total_size": total, "total_parameters": parameters},
-             "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

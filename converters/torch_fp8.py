@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,10 @@ from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, check_tensors, open
                                     sanitize)
 from portable_dg.config import DiffusionGemmaConfig, read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
+from portable_dg.safetensors_writer import (MAX_SHARD_BYTES, Entry, f32_to_bf16_bits, split_shards,
+                                            write_index, write_safetensors)
 
 E4M3_MAX = 448.0
-SHARD_BYTES = 5 << 30
 QTYPE = "fp8_e4m3"
 
 # Canonical names whose weights are quantized; everything else stays bf16.
@@ -179,9 +179,8 @@ class Planned:
     part: str              # "codes", "scale" or "bf16"
 
     @property
-    def nbytes(self) -> int:
-        size = {"F8_E4M3": 1, "BF16": 2, "F32": 4}[self.dtype]
-        return int(np.prod(self.shape, dtype=np.int64)) * size
+    def entry(self) -> Entry:
+        return Entry(self.name, self.dtype, tuple(self.shape))
 
 
 def plan_tensors(shapes: Mapping[str, tuple[int, ...]]) -> list[Planned]:
@@ -197,19 +196,6 @@ def plan_tensors(shapes: Mapping[str, tuple[int, ...]]) -> list[Planned]:
     return sorted(plan, key=lambda p: p.name)
 
 
-def shard(plan: list[Planned]) -> list[list[Planned]]:
-    """Consecutive groups of at most SHARD_BYTES (a larger tensor gets a shard of its own)."""
-    shards: list[list[Planned]] = [[]]
-    size = 0
-    for p in plan:
-        if shards[-1] and size + p.nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(p)
-        size += p.nbytes
-    return shards
-
-
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float weights [..., out, in] -> (e4m3 codes uint8 [..., out, in], float32 scales [..., out, 1]).
 
@@ -221,28 +207,6 @@ def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
     codes = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return codes.view(torch.uint8).numpy(), scale.numpy()
-
-
-def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), round to nearest even."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def write_shard(path: Path, tensors: list[Planned], encoded: Iterator[np.ndarray]) -> None:
-    """Stream one safetensors file: the header from the plan, then each tensor's bytes in order."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for p in tensors:
-        header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
-        offset += p.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for p, data in zip(tensors, encoded):
-            assert data.nbytes == p.nbytes, p.name
-            f.write(data.tobytes())
 
 
 def source_revision(src: Path) -> str | None:
@@ -294,7 +258,7 @@ def encode(plan: list[Planned], refs: Mapping[str, TensorRef]) -> Iterator[np.nd
     for p in plan:
         if p.part == "bf16":
             ref = refs[p.source]
-            yield ref.raw() if ref.dtype == "BF16" else to_bf16_bits(ref.load())
+            yield ref.raw() if ref.dtype == "BF16" else f32_to_bf16_bits(ref.load())
         else:
             if p.source not in cache:
                 cache.clear()
@@ -317,19 +281,17 @@ def convert_fp8(src: str | os.PathLike, dst: str | os.PathLike, progress: bool =
     refs = sanitize(open_checkpoint(src))
     check_tensors(refs, config, str(src))
     plan = plan_tensors({name: tuple(ref.shape) for name, ref in refs.items()})
-    shards = shard(plan)
+    shards = split_shards(plan, lambda p: p.entry.nbytes, MAX_SHARD_BYTES)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
-        weight_map, bar = {}, tqdm(total=len(refs), desc="fp8", unit="tensor", disable=not progress)
-        for n, tensors in enumerate(shards, 1):
-            file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            write_shard(tmp / file, tensors, counted(encode(tensors, refs), tensors, bar))
-            weight_map.update({p.name: file for p in tensors})
+        bar = tqdm(total=len(refs), desc="fp8", unit="tensor", disable=not progress)
+        files = [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+        for file, tensors in zip(files, shards):
+            write_safetensors(tmp / file, [p.entry for p in tensors],
+                              counted(encode(tensors, refs), tensors, bar))
         bar.close()
-        total = sum(p.nbytes for p in plan)
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        write_index(tmp, [(f, [p.entry for p in g]) for f, g in zip(files, shards)])
         copy_side_files(src, tmp)
         raw = read_json(src / "config.json")
         raw["quantization_config"] = quantization_config(src)

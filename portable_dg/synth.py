@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from .checkpoint import expected_tensors
 from .config import FULL, SLIDING, DiffusionGemmaConfig
 from .errors import ConfigError
+from .safetensors_writer import Entry, f32_to_bf16_bits, split_shards, write_index, write_safetensors
 
 MAX_SHARD_BYTES = 5 * 10**9          # transformers' max_shard_size="5GB"
 CHUNK_ELEMENTS = 16 << 20            # rows are generated and written ~64 MB (float32) at a time
@@ -188,50 +188,26 @@ def tensor_chunks(t: TensorPlan, index: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.standard_normal((rows, *t.shape[1:]), dtype=np.float32) * std
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-
-
 def shard_groups(plan: list[TensorPlan], dtype: str, max_bytes: int = MAX_SHARD_BYTES) -> list[list[TensorPlan]]:
     """Split the tensors, in order, into shards of at most max_bytes (a bigger tensor gets its own)."""
-    groups: list[list[TensorPlan]] = [[]]
-    size = 0
-    for t in plan:
-        nbytes = t.numel * ITEMSIZE[dtype]
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += nbytes
-    return groups
+    return split_shards(plan, lambda t: t.numel * ITEMSIZE[dtype], max_bytes)
 
 
-def safetensors_header(tensors: list[TensorPlan], dtype: str) -> bytes:
-    """The length-prefixed JSON header of one shard, padded with spaces to 8-byte alignment."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        nbytes = t.numel * ITEMSIZE[dtype]
-        header[t.name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+def entries(tensors: list[TensorPlan], dtype: str) -> list[Entry]:
+    """The stored entries of a group of planned tensors."""
+    return [Entry(t.name, SAFETENSORS_DTYPE[dtype], tuple(t.shape)) for t in tensors]
 
 
 def write_shard(path: Path, tensors: list[TensorPlan], indices: dict[str, int], dtype: str,
                 seed: int, progress: Any = None) -> None:
     """Write one safetensors file: header, then each tensor's chunks in header order."""
-    with open(path, "wb") as f:
-        f.write(safetensors_header(tensors, dtype))
+    def chunks() -> Iterator[np.ndarray]:
         for t in tensors:
             for chunk in tensor_chunks(t, indices[t.name], seed):
-                f.write((f32_to_bf16_bits(chunk) if dtype == "bf16" else chunk).tobytes())
+                yield f32_to_bf16_bits(chunk) if dtype == "bf16" else chunk
                 if progress is not None:
                     progress.update(chunk.size * ITEMSIZE[dtype])
+    write_safetensors(path, entries(tensors, dtype), chunks())
 
 
 def tokenizer_json(vocab_size: int) -> str:
@@ -288,9 +264,7 @@ def write_synthetic(out: str | Path, like: str = "mini", *, layers: int | None =
         for name, group in zip(names, shards):
             write_shard(tmp / name, group, indices, dtype, seed, bar)
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel for t in plan) * ITEMSIZE[dtype]},
-                     "weight_map": {t.name: name for name, group in zip(names, shards) for t in group}}
-            write_json(tmp / "model.safetensors.index.json", index)
+            write_index(tmp, [(name, entries(group, dtype)) for name, group in zip(names, shards)])
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", generation_json(like))
         (tmp / "tokenizer.json").write_text(tokenizer_json(text["vocab_size"]), encoding="utf-8")

@@ -15,6 +15,7 @@ from portable_dg.checkpoint import expected_tensors, open_checkpoint, open_safet
 from portable_dg.cli import main
 from portable_dg.config import DiffusionGemmaConfig
 from portable_dg.errors import ConfigError
+from portable_dg.safetensors_writer import f32_to_bf16_bits
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_bf16_rounding_matches_torch():
     x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
     x[:4] = [1.00390625, 1.01171875, -3.0e38, 0.0]          # ties to even, large, zero
     expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    np.testing.assert_array_equal(synth.f32_to_bf16_bits(x), expected)
+    np.testing.assert_array_equal(f32_to_bf16_bits(x), expected)
 
 
 def test_weights_are_not_trivial(tiny_f32):
