@@ -66,3 +66,13 @@ def hf_model(tiny_dir):
         return loaded[name, dtype]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny matrices: one intra-op torch thread is faster, and immune to oversubscribed CI cores."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

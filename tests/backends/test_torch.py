@@ -13,13 +13,7 @@ import portable_dg  # noqa: E402
 from portable_dg.errors import BackendUnavailable, ConfigError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and immune to oversubscribed CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def pattern(n: int, vocab_size: int, a: int = 7, b: int = 3) -> np.ndarray:
