@@ -44,9 +44,8 @@ class GgmlBackend(NumpyBackend):
         super().__init__("float32")
         self.engine = engine
         self.n_threads = n_threads
-        self.pool = ThreadPoolExecutor(n_threads)    # parallel dequantization for the BLAS route
+        self.pool = ThreadPoolExecutor(n_threads)    # parallel dequantization of soft-lookup tiles
         self.blas_min_tokens = blas_min_tokens
-        self.names: dict[int, str] = {}     # id(DeviceWeight) -> tensor name, for error messages
 
     # --- weights --------------------------------------------------------------------------------
     def weight(self, name: str, value: Any) -> Any:
@@ -70,19 +69,14 @@ class GgmlBackend(NumpyBackend):
         if len(shape) not in (2, 3):
             raise CheckpointError(f"{name}: expected a 2-D or 3-D weight, got shape {list(shape)}")
         try:
-            w = self.engine.weight(np.ascontiguousarray(host), ggml_type, shape)
+            return self.engine.weight(np.ascontiguousarray(host), ggml_type, shape, name)
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}") from None
-        self.names[id(w)] = name
-        return w
-
-    def describe(self, w: Any) -> str:
-        return self.names.get(id(w), "weight")
 
     def check_input(self, x: np.ndarray, w: Any) -> np.ndarray:
         """x as contiguous float32 whose last axis matches w's `in` (ggml would abort otherwise)."""
         if x.shape[-1] != w.shape[-1]:
-            raise ConfigError(f"{self.describe(w)}: input has {x.shape[-1]} features, the weight "
+            raise ConfigError(f"{w.name}: input has {x.shape[-1]} features, the weight "
                               f"{list(w.shape)} expects {w.shape[-1]}")
         return np.ascontiguousarray(x, np.float32)
 
@@ -90,7 +84,7 @@ class GgmlBackend(NumpyBackend):
         """ids as int32 in [0, limit) (ggml would abort on an out-of-range row)."""
         ids = np.asarray(ids)
         if ids.size and (ids.min() < 0 or ids.max() >= limit):
-            raise ConfigError(f"{self.describe(w)}: ids must lie in [0, {limit}), "
+            raise ConfigError(f"{w.name}: ids must lie in [0, {limit}), "
                               f"got {int(ids.min())}..{int(ids.max())}")
         return np.ascontiguousarray(ids, np.int32)
 
@@ -120,7 +114,7 @@ class GgmlBackend(NumpyBackend):
         V, H = table.shape
         probs = np.ascontiguousarray(probs, np.float32)
         if probs.shape[-1] != V:
-            raise ConfigError(f"{self.describe(table)}: probabilities over {probs.shape[-1]} tokens, "
+            raise ConfigError(f"{table.name}: probabilities over {probs.shape[-1]} tokens, "
                               f"the table has {V}")
         out = np.zeros((probs.shape[0], H), np.float32)
         for start, stop in tiles(table, V):
@@ -135,7 +129,7 @@ class GgmlBackend(NumpyBackend):
         x = self.check_input(x, w)
         ids = self.check_ids(ids, E, w)
         if x.shape[0] != T or (x.ndim == 3 and x.shape[1] != k):
-            raise ConfigError(f"{self.describe(w)}: input {list(x.shape)} does not match ids {[T, k]}")
+            raise ConfigError(f"{w.name}: input {list(x.shape)} does not match ids {[T, k]}")
         used = np.unique(ids)
         if not self.use_blas(w, T * k // len(used)):      # rows per expert GEMM decide the route
             b = x[:, None, :] if x.ndim == 2 else x                     # [T, 1 or k, in]

@@ -5,8 +5,9 @@
     python -m portable_dg.backends.ggml.bench --step MODEL [--backend ggml] [ggml options as k=v]
 
 Products: for each shape and weight type it times `linear` / `expert_linear` in ggml
-(`ggml_mul_mat`, `ggml_mul_mat_id`) and as dequantized tiles through numpy's BLAS, next to numpy's
-float32 product on a dequantized copy (the upper bound the BLAS route approaches).  Random weights;
+(`ggml_mul_mat`, `ggml_mul_mat_id`) and the alternative the backend rejects for quantized weights,
+dequantized row tiles (per expert, for the experts) through numpy's BLAS, next to numpy's float32
+product on a dequantized copy (the upper bound of that alternative).  Random weights;
 the best of `repeat` runs is kept, to damp noise from other processes.  Steps: the best of
 `repeat` self-conditioned denoising steps of one canvas after a 64-token prompt.
 """
@@ -76,6 +77,27 @@ def best_time(f: Callable[[], object], repeat: int) -> float:
     return min(times)
 
 
+def tiles_blas(backend, x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T with w dequantized tile by tile (the rejected route for quantized weights)."""
+    from portable_dg.backends.ggml import tiles
+
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    for start, stop in tiles(w, w.shape[0]):
+        y[:, start:stop] = x @ backend.float_rows(w, start, stop).T
+    return y
+
+
+def experts_blas(backend, x: np.ndarray, w, ids: np.ndarray) -> np.ndarray:
+    """expert_linear with each used expert dequantized and one BLAS GEMM per expert."""
+    T, k = ids.shape
+    out = w.shape[1]
+    y = np.empty((T, k, out), np.float32)
+    for e in np.unique(ids):
+        t, j = np.nonzero(ids == e)
+        y[t, j] = x[t] @ backend.float_rows(w, int(e) * out, (int(e) + 1) * out).T
+    return y
+
+
 def products(threads: int | None, T: int, repeat: int) -> None:
     """Print the GFLOP/s table of both routes on SHAPES x TYPES."""
     import ggml
@@ -84,12 +106,11 @@ def products(threads: int | None, T: int, repeat: int) -> None:
     from portable_dg.backends.ggml.engine import quantize
     from portable_dg.backends.numpy import NumpyBackend
 
-    in_ggml = create(n_threads=threads, device="cpu", blas_min_tokens=10 ** 9)
-    in_blas = create(n_threads=threads, device="cpu", blas_min_tokens=1)
+    backend = create(n_threads=threads, device="cpu", blas_min_tokens=10 ** 9)
     rng = np.random.default_rng(0)
     k = 8
-    print(f"{T} tokens, {in_ggml.engine.device} ggml threads {threads or 'all'}; GFLOP/s")
-    print(f"{'shape':34s} {'type':5s} {'numpy f32':>9s} {'ggml':>7s} {'BLAS tiles':>10s}")
+    print(f"{T} tokens, {backend.engine.device} ggml threads {threads or 'all'}; GFLOP/s")
+    print(f"{'shape':34s} {'type':5s} {'numpy f32':>9s} {'ggml':>7s} {'tiles+BLAS':>10s}")
     for label, E, out, n in SHAPES:
         shape = (out, n) if E is None else (E, out, n)
         w = (rng.standard_normal(shape) * 0.02).astype(np.float32)
@@ -101,14 +122,13 @@ def products(threads: int | None, T: int, repeat: int) -> None:
             if n % ggml.ggml_blck_size(qtype):
                 continue                        # llama.cpp falls back to another type here
             host = w if name == "F32" else quantize(w, qtype)
-            weights = {b: b.engine.weight(host, qtype, shape) for b in (in_ggml, in_blas)}
+            W = backend.engine.weight(host, qtype, shape)
             if E is None:
-                run = {b: (lambda b=b: b.linear(x, weights[b])) for b in weights}
-                reference = lambda: x @ w.T  # noqa: E731
+                runs = (lambda: x @ w.T, lambda: backend.linear(x, W), lambda: tiles_blas(backend, x, W))
             else:
-                run = {b: (lambda b=b: b.expert_linear(x, weights[b], ids)) for b in weights}
-                reference = lambda: NumpyBackend.expert_linear(in_blas, x, w, ids)  # noqa: E731
-            rates = [flops / best_time(f, repeat) / 1e9 for f in (reference, run[in_ggml], run[in_blas])]
+                runs = (lambda: NumpyBackend.expert_linear(backend, x, w, ids),
+                        lambda: backend.expert_linear(x, W, ids), lambda: experts_blas(backend, x, W, ids))
+            rates = [flops / best_time(f, repeat) / 1e9 for f in runs]
             print(f"{label:34s} {name:5s} {rates[0]:9.0f} {rates[1]:7.0f} {rates[2]:10.0f}", flush=True)
 
 

@@ -35,6 +35,7 @@ class DeviceWeight:
     host: np.ndarray            # GGUF-ordered data, the `in` dimension fastest
     ggml_type: int
     shape: tuple[int, ...]      # logical numpy shape: [out, in] or [E, out, in]
+    name: str                   # the checkpoint tensor's name, for error messages
 
 
 def aligned(a: np.ndarray) -> np.ndarray:
@@ -106,8 +107,13 @@ class Engine:
                          self.weight_buffers, self.weight_contexts)
 
     # --- weights ------------------------------------------------------------------------------
-    def weight(self, host: np.ndarray, ggml_type: int, shape: Sequence[int]) -> DeviceWeight:
+    def weight(self, host: np.ndarray, ggml_type: int, shape: Sequence[int], name: str = "weight") -> DeviceWeight:
         """Place a weight whose bytes `host` hold `shape` (numpy order) in ggml type `ggml_type`."""
+        if not 0 <= ggml_type < ggml.GGML_TYPE_COUNT or ggml.ggml_blck_size(ggml_type) == 0:
+            raise ValueError(f"ggml type {ggml_type} is not one this ggml build knows")
+        if shape[-1] % ggml.ggml_blck_size(ggml_type):
+            raise ValueError(f"rows of {shape[-1]} values do not fill whole blocks of "
+                             f"{ggml.ggml_type_name(ggml_type).decode()}")
         host = aligned(host)
         ne = list(reversed(shape))
         ctx = ggml.ggml_init(ggml.ggml_init_params(mem_size=ggml.ggml_tensor_overhead(),
@@ -128,7 +134,7 @@ class Engine:
             ggml.ggml_backend_tensor_alloc(buffer, tensor, ggml.ggml_backend_buffer_get_base(buffer))
             ggml.ggml_backend_tensor_set(tensor, host.ctypes.data, 0, nbytes)
         self.weight_buffers.append(buffer)
-        return DeviceWeight(tensor, host, ggml_type, tuple(shape))
+        return DeviceWeight(tensor, host, ggml_type, tuple(shape), name)
 
     # --- one-op graphs ------------------------------------------------------------------------
     def run(self, op: Callable[..., Any], inputs: Sequence[Any], out_shape: Sequence[int],

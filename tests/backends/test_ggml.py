@@ -209,6 +209,12 @@ def test_bad_input(backend):
 
     with pytest.raises(CheckpointError, match="truncated: 272 bytes expected"):
         backend.weight("truncated", Truncated)
+    Truncated.ggml_type = 4                                   # Q4_2: removed from ggml long ago
+    with pytest.raises(CheckpointError, match="truncated: ggml type 4 is not one this ggml build knows"):
+        backend.weight("truncated", Truncated)
+    Truncated.shape, Truncated.ggml_type = (4, 48), ggml.GGML_TYPE_Q8_0
+    with pytest.raises(CheckpointError, match="rows of 48 values do not fill whole blocks of q8_0"):
+        backend.weight("truncated", Truncated)
 
 
 def test_options_and_missing_package(monkeypatch):
@@ -216,6 +222,8 @@ def test_options_and_missing_package(monkeypatch):
         create(dtype="float64")
     with pytest.raises(ConfigError, match="must be positive"):
         create(blas_min_tokens=0)
+    with pytest.raises(BackendUnavailable, match="could not start device 'NoSuchGPU0'"):
+        create(device="NoSuchGPU0")
     monkeypatch.setitem(sys.modules, "ggml", None)       # import ggml now raises ImportError
     with pytest.raises(BackendUnavailable, match="ggml-python"):
         create()
