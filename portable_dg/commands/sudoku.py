@@ -78,7 +78,9 @@ def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, ev
     if result.solved:
         click.echo("solved: every row, column and box holds 1-9 and every given is kept", err=True)
         return
-    click.echo("not solved: " + "; ".join(result.problems), err=True)
+    shown = "; ".join(result.problems[:4])
+    more = f"; and {len(result.problems) - 4} more" if len(result.problems) > 4 else ""
+    click.echo(f"not solved: {shown}{more}", err=True)
     sys.exit(1)
 
 
