@@ -180,7 +180,7 @@ def create(n_threads: int | None = None, device: str = "auto",
     """Backend factory used by `portable_dg.backends.get_backend`.
 
     Args:
-        n_threads: CPU threads for ggml (default: every core, `os.cpu_count()`).
+        n_threads: CPU threads for ggml (default: every core this process may run on).
         device: "cpu", "auto" (the best device the installed ggml provides: Vulkan/CUDA/Metal when
             built with them) or a ggml device name such as "Vulkan0".
         blas_min_tokens: products over at least this many rows run as dequantized tiles through
@@ -194,7 +194,7 @@ def create(n_threads: int | None = None, device: str = "auto",
                                  "pip install 'portable-dg[ggml]'") from None
     from .engine import Engine
 
-    threads = n_threads or os.cpu_count() or 1
+    threads = n_threads or usable_cores()
     if threads < 1 or blas_min_tokens < 1:
         raise ConfigError("ggml backend: n_threads and blas_min_tokens must be positive")
     try:
@@ -202,3 +202,10 @@ def create(n_threads: int | None = None, device: str = "auto",
     except RuntimeError as e:
         raise BackendUnavailable(f"ggml backend: {e}") from None
     return GgmlBackend(engine, threads, blas_min_tokens)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under taskset or a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
