@@ -8,9 +8,13 @@ by mlx-vlm (mlx-community uploads) into a `ModelSource` whose quantized tensors 
 (`MLXQuantized`); the MLX backend multiplies them as they are, other backends dequantize them.
 
 Quantization follows mlx-vlm's diffusion_gemma `quant_predicate`: the embedding, attention, dense
-MLP and router projection get 8-bit affine with groups of 64 whatever the default; the experts and
-the self-conditioning MLP get the requested mode.  Norms, router scales and layer scalars are never
-quantized.  The embedding stays 8-bit *affine* even in mxfp4 files because mlx-vlm's
+MLP and router projection get 8-bit affine with groups of 64 whatever the default; the experts get
+the requested mode.  Two mixes differ in the routing and self-conditioning path: "portable" (the
+default) keeps the router projection and the self-conditioning MLP in float, so expert choice and
+the feedback of the previous step's logits are not disturbed by quantization; "mlx-vlm" quantizes
+them as mlx-vlm does (router 8-bit, self-conditioning MLP at the requested mode), reproducing the
+mlx-community files exactly.  Both load in mlx-vlm/mlx-lm, which quantize a module iff its
+`.scales` exist.  Norms, router scales and layer scalars are never quantized.  The embedding stays 8-bit *affine* even in mxfp4 files because mlx-vlm's
 self-conditioning multiplies the probabilities by the packed table without passing a mode
 (spec §2.4): an mxfp4 embedding would be read as affine there and break self-conditioning.
 
@@ -270,17 +274,29 @@ def is_high_precision(module: str) -> bool:
             or ".self_attn." in module or "router" in module)
 
 
-def quant_params(name: str, shape: tuple[int, ...], default: dict[str, Any] | None) -> dict[str, Any] | None:
-    """mlx-vlm's choice for one tensor: None (kept float), the default, or the 8-bit override.
+MIXES = ("portable", "mlx-vlm")
+
+
+def kept_float(module: str, mix: str) -> bool:
+    """The "portable" mix keeps the routing and self-conditioning projections in float."""
+    return mix == "portable" and (module.endswith("router.proj") or ".self_conditioning." in module)
+
+
+def quant_params(name: str, shape: tuple[int, ...], default: dict[str, Any] | None,
+                 mix: str = "portable") -> dict[str, Any] | None:
+    """The choice for one tensor: None (kept float), the default, or the 8-bit override.
 
     Like mlx-lm, a module whose input size is not a multiple of its group size stays float."""
     if default is None or len(shape) < 2 or not name.endswith(".weight") or NON_TEXT.match(name):
+        return None
+    if kept_float(name[:-len(".weight")], mix):
         return None
     params = HIGH_PRECISION if is_high_precision(name[:-len(".weight")]) else default
     return None if shape[-1] % params["group_size"] else dict(params)
 
 
-def plan_conversion(refs: Mapping[str, TensorRef], quant: str, group_size: int | None) -> list[Planned]:
+def plan_conversion(refs: Mapping[str, TensorRef], quant: str, group_size: int | None,
+                    mix: str = "portable") -> list[Planned]:
     """Every output tensor of converting `refs` with `--quant quant`, sorted by name."""
     scheme = QUANTS[quant]
     default = None if scheme is None else {"group_size": group_size or scheme[2], "bits": scheme[1],
@@ -294,7 +310,7 @@ def plan_conversion(refs: Mapping[str, TensorRef], quant: str, group_size: int |
             raise CheckpointError(f"{ref.path}: tensor {hf_name} has dtype {ref.dtype}; a Hugging Face "
                                   f"source must hold float tensors ({', '.join(FLOAT_DTYPES)})")
         float_dtype = {"bf16": "BF16", "f16": "F16"}.get(quant, "F32" if ref.dtype == "F64" else ref.dtype)
-        plan.append(Planned(name, ref, float_dtype, quant_params(name, tuple(ref.shape), default)))
+        plan.append(Planned(name, ref, float_dtype, quant_params(name, tuple(ref.shape), default, mix)))
     return sorted(plan, key=lambda p: p.name)
 
 
@@ -368,8 +384,8 @@ def output_config(src_config: dict[str, Any], qblock: dict[str, Any] | None, qua
 
 
 def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4",
-                   group_size: int | None = None, *, imatrix: str | None = None, progress: bool = True,
-                   max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                   group_size: int | None = None, *, mix: str = "portable", imatrix: str | None = None,
+                   progress: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint directory into an MLX model directory.
 
     Args:
@@ -380,6 +396,8 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
             (any case).
         group_size: group size of the default quantization (affine 32/64/128, default 64;
             mxfp4 32).  The 8-bit overrides always use 64.
+        mix: "portable" (router projection and self-conditioning MLP kept float) or "mlx-vlm"
+            (quantized as the mlx-community files are).
         imatrix: not used by MLX quantization (accepted for `pdg convert`'s common call;
             giving one is an error).
         progress: show a progress bar over tensors.
@@ -395,13 +413,15 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
     if imatrix is not None:
         raise ConfigError("--imatrix applies to GGUF quantization; MLX quantization (mx.quantize) does not use one")
     check_options(quant, group_size)
+    if mix not in MIXES:
+        raise ConfigError(f"unknown MLX quantization mix {mix!r}; expected one of {', '.join(MIXES)}")
     src, dst = resolve_model_path(src), Path(dst)
     check_paths(src, dst)
     read_hf(src)                                           # validates config, tensors, tokenizer
     src_config = read_json(src / "config.json")
     if "quantization" in src_config:
         raise FormatError(f"{src}: already an MLX quantized directory; convert from the Hugging Face checkpoint")
-    plan = plan_conversion(open_checkpoint(src), quant, group_size)
+    plan = plan_conversion(open_checkpoint(src), quant, group_size, mix)
     if any(p.quant is not None for p in plan):
         require_mlx()
     shards = split_shards(plan, lambda p: sum(e.nbytes for e in p.parts()), max_shard_bytes)

@@ -28,11 +28,15 @@ CONVERTERS = {
               help="Importance matrix (.npz from `pdg imatrix`) for the quantized types.")
 @click.option("--group-size", type=int, default=None,
               help="MLX: group size of the default quantization (affine 32/64/128, mxfp4 32).")
-def convert(src: str, out: str, target: str, quant: str, imatrix: str | None, group_size: int | None) -> None:
+@click.option("--mix", type=click.Choice(["portable", "mlx-vlm"]), default=None,
+              help="MLX: 'portable' (default) keeps the router projection and self-conditioning MLP "
+                   "in float; 'mlx-vlm' quantizes them as the mlx-community files do.")
+def convert(src: str, out: str, target: str, quant: str, imatrix: str | None, group_size: int | None,
+            mix: str | None) -> None:
     """Convert the checkpoint SRC (directory or hub repo id) to OUT."""
-    if group_size is not None and target != "mlx":
-        raise ConfigError("--group-size applies to --to mlx only")
-    extra = {"group_size": group_size} if target == "mlx" else {}
+    if (group_size is not None or mix is not None) and target != "mlx":
+        raise ConfigError("--group-size and --mix apply to --to mlx only")
+    extra = {"group_size": group_size, "mix": mix or "portable"} if target == "mlx" else {}
     module, func = CONVERTERS[target].split(":")
     path = getattr(importlib.import_module(module), func)(src, out, quant.upper(), imatrix=imatrix,
                                                           progress=sys.stderr.isatty(), **extra)

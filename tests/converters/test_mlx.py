@@ -24,7 +24,7 @@ mx = pytest.importorskip("mlx.core")
 L0 = "model.decoder.layers.0."
 L1 = "model.decoder.layers.1."
 # tiny "a" (H 64, dense 96, experts 4 x 32, vocab 512) as q4 with groups of 32: name -> (dtype, shape).
-# 8-bit g64 for embedding/attention/dense MLP/router; 4-bit g32 for experts and the SC MLP;
+# mlx-vlm's mix: 8-bit g64 for embedding/attention/dense MLP/router; 4-bit g32 for experts and the SC MLP;
 # mlp.down_proj (input 96) is not a multiple of 64, so it stays float, as in mlx-lm.
 Q4_LISTING = {
     "model.decoder.embed_tokens.weight": ("U32", [512, 16]),
@@ -74,7 +74,8 @@ def source(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def q4(source, tmp_path_factory) -> Path:
-    return convert_to_mlx(source, tmp_path_factory.mktemp("out") / "q4", "q4", 32, progress=False)
+    return convert_to_mlx(source, tmp_path_factory.mktemp("out") / "q4", "q4", 32, mix="mlx-vlm",
+                          progress=False)
 
 
 def test_q4_layout(source, q4):
@@ -269,3 +270,17 @@ def test_mismatched_quantization_config(q4, tmp_path, edit, message):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(FormatError, match=message):
         read_mlx(out)
+
+
+def test_portable_mix_keeps_router_and_self_conditioning_float(source, tmp_path):
+    out = convert_to_mlx(source, tmp_path / "portable", "q4", 32, progress=False)
+    listing = stored(out)
+    assert listing[L0 + "router.proj.weight"] == ("F32", [4, 64])
+    assert listing["model.decoder.self_conditioning.down_proj.weight"] == ("F32", [64, 96])
+    assert L0 + "router.proj.scales" not in listing
+    assert listing[L0 + "experts.gate_up_proj.weight"] == Q4_LISTING[L0 + "experts.gate_up_proj.weight"]
+    assert listing["model.decoder.embed_tokens.weight"] == ("U32", [512, 16])
+    config = json.loads((out / "config.json").read_text())
+    assert L0.rstrip(".") + ".router.proj" not in config["quantization"]
+    with pytest.raises(ConfigError, match="mix"):
+        convert_to_mlx(source, tmp_path / "bad", "q4", mix="gguf", progress=False)
