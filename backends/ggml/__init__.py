@@ -4,12 +4,15 @@ Activations are float32 numpy arrays, so every elementwise, attention and sample
 reference backend's (inherited, not copied).  Weights (2-D and stacked 3-D) live in ggml, in their
 stored type (F32, F16, BF16, Q8_0, Q4_0, K-quants, ...), wrapped in place over the memory-mapped
 file bytes.  The heavy products go to ggml (`ggml_mul_mat`, `ggml_mul_mat_id`, `ggml_get_rows`),
-except where measurement says numpy's BLAS is faster: on the CPU device, an F32 product over at
-least `blas_min_tokens` rows (per expert, for the experts) runs in numpy's BLAS on the weight's
-host memory.  For quantized weights ggml's own kernels win (dequantizing tiles for BLAS measured
-30-45% slower per denoising step), except in the self-conditioning soft lookup (a [T, V] @ [V, H]
-product ggml has no kernel for with the table stored as rows of H): there the table is
-dequantized tile by tile (bounded memory, never a full copy) and multiplied with BLAS.  A ggml
+except where measurement says numpy's BLAS is faster.  On the CPU device a dense product over at
+least `blas_min_tokens` rows (a 256-token canvas, a prompt) runs in numpy's BLAS: F32 weights on
+their host memory, quantized ones dequantized tile by tile with ggml's own `to_float` (bounded
+memory, never a full copy; measured on one idle core at 256 tokens, 2816x2112: Q8_0 79-87 GFLOP/s
+as tiles+BLAS against 49-51 in ggml, Q4_K 80 against 61).  The experts stay in
+`ggml_mul_mat_id` unless F32 (each expert sees ~16 tokens of a canvas, where ggml's kernels
+measured 38-72 GFLOP/s against 14-25 for tiles+BLAS).  The self-conditioning soft lookup (a
+[T, V] @ [V, H] product ggml has no kernel for with the table stored as rows of H) always goes
+through tiles and BLAS.  A ggml
 built with Vulkan, CUDA or Metal is used when present (`device="auto"`); there every product but
 the soft lookup runs in ggml.
 """
@@ -106,8 +109,8 @@ class GgmlBackend(NumpyBackend):
 
         x = self.check_input(x, w)
         T, out = x.shape[0], w.shape[0]
-        if self.use_blas(w, T):
-            return x @ self.float_rows(w, 0, out).T
+        if self.engine.is_cpu and T >= self.blas_min_tokens:     # dequantized tiles through BLAS
+            return np.concatenate([x @ self.float_rows(w, a, b).T for a, b in tiles(w, out)], axis=1)
         return self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
 
     def soft_embedding(self, probs: np.ndarray, table: Any) -> np.ndarray:
