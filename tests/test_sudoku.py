@@ -94,6 +94,15 @@ def test_bundled_model_answers_every_puzzle_in_format(bundled):
     assert all(len(a) == 81 and a.isdigit() for a in result.answers)
 
 
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_bundled_model_solves_fixed_easy_puzzles(bundled, index):
+    """Held-out puzzles the bundled model solves under every seed tried (0-3) when it was bundled."""
+    puzzle, solution = sd.test_set(4)[index]
+    result = sd.solve(bundled, puzzle, seed=0)
+    assert result.solved, result.problems
+    assert (result.grid == solution).all()
+
+
 def test_solve_reports_contradictions(bundled):
     result = sd.solve(bundled, CONTRADICTION, seed=0, max_denoising_steps=4)
     assert not result.solved and any("row 1" in p or "given" in p for p in result.problems)
