@@ -125,9 +125,9 @@ def _quantize_block_rows(x: np.ndarray, qtype: str, importance: np.ndarray | Non
     if qtype == "F16":
         return x.astype(np.float16).view(np.uint8)
     if qtype == "BF16":
-        bits = np.ascontiguousarray(x).view(np.uint32)                # round to nearest even
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        return rounded.view(np.uint8)
+        from portable_dg.checkpoint import f32_to_bf16_bits
+
+        return f32_to_bf16_bits(x).view(np.uint8)
     return ggml_quantize(x, qtype, importance)
 
 

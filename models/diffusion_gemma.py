@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from portable_dg.backend import Array, Backend
+from portable_dg.checkpoint import bf16_to_f32, f32_to_bf16_bits
 from portable_dg.config import SLIDING, DiffusionGemmaConfig, LayerGeometry
 
 DEC = "model.decoder."
@@ -38,9 +39,7 @@ def rope_inv_freq(g: LayerGeometry) -> np.ndarray:
 def round_to_dtype(value: float, dtype: str) -> float:
     """A Python float rounded to a float dtype given by name (bfloat16 included: round to nearest even)."""
     if dtype == "bfloat16":
-        bits = int(np.float32(value).view(np.uint32))
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return float(np.uint32(bits).view(np.float32))
+        return float(bf16_to_f32(f32_to_bf16_bits(np.array([value], np.float32)))[0])
     return float(np.dtype(dtype).type(value))
 
 

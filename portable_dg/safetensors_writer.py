@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
-from .checkpoint import SAFETENSORS_DTYPES
+from .checkpoint import SAFETENSORS_DTYPES, f32_to_bf16_bits  # noqa: F401 (re-exported for writers)
 from .errors import FormatError
 
 MAX_SHARD_BYTES = 5 << 30
@@ -34,12 +34,6 @@ class Entry:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[self.dtype]).itemsize
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
 
 
 def split_shards(items: Sequence[T], nbytes: Callable[[T], int],
