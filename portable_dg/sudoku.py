@@ -8,8 +8,8 @@ canvas of 81 tokens.  Token ids are fixed (the bundled tokenizer.json agrees wit
 
 The generator is seeded: a random solved grid by randomised backtracking, then cells removed in a
 random order while the puzzle keeps exactly one solution, down to the requested number of givens
-(more givens = easier).  `test_set` is the held-out set fixed by its own seed, which training
-never uses.
+(more givens = easier).  `test_set` is the held-out set and `validation_set` the set the sampler
+settings are tuned on, each fixed by its own seed; training never uses either seed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ CELLS = 81
 # givens per puzzle (inclusive ranges); fewer givens = harder
 DIFFICULTY = {"easy": (40, 50), "medium": (32, 39), "hard": (26, 31)}
 TEST_SEED = 20_240_607
+VALIDATION_SEED = 20_240_608
 
 _UNITS = ([[9 * r + c for c in range(9)] for r in range(9)]
           + [[9 * r + c for r in range(9)] for c in range(9)]
@@ -158,6 +159,11 @@ def puzzles(seed: int, n: int, difficulty: str | tuple[int, int] = "easy") -> li
 def test_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
     """The held-out test set: the first n puzzles of the fixed test seed."""
     return puzzles(TEST_SEED, n, difficulty)
+
+
+def validation_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
+    """The validation set (for choosing sampler settings): the first n puzzles of its own seed."""
+    return puzzles(VALIDATION_SEED, n, difficulty)
 
 
 # ---------------------------------------------------------------------------------------- tokens

@@ -39,6 +39,12 @@ def test_generator_is_seeded():
     assert not np.array_equal(a[0][0], sd.puzzles(6, 1)[0][0])
 
 
+def test_validation_and_test_sets_differ():
+    test = {sd.grid_text(p) for p, _ in sd.test_set(50)}
+    validation = {sd.grid_text(p) for p, _ in sd.validation_set(50)}
+    assert len(test) == len(validation) == 50 and not test & validation
+
+
 def test_count_solutions_sees_several():
     assert sd.count_solutions([0] * 81) == 2
 
@@ -118,6 +124,13 @@ def test_cli_prints_one_line_and_fails_on_violations():
 def test_cli_rejects_bad_puzzle():
     out = CliRunner().invoke(main, ["sudoku", "12345"])
     assert out.exit_code == 1 and "81 characters" in out.output
+
+
+def test_cli_eval_scores_the_chosen_split():
+    out = CliRunner().invoke(main, ["sudoku", "--eval", "2", "--split", "validation", "--steps", "4"])
+    assert out.exit_code == 0, out.output
+    assert "validation set: 2 easy puzzles" in out.output
+    assert "solved " in out.stdout and "/2 (" in out.stdout
 
 
 def test_cli_compare_agrees_with_transformers():

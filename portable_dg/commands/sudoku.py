@@ -52,9 +52,11 @@ def draft_printer(stream=None):
 @click.option("--show-drafts", is_flag=True, help="Print the canvas after every denoising step.")
 @click.option("--eval", "eval_n", type=int, default=None,
               help="Score the model on the first N puzzles of the held-out test set instead.")
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
+              help="With --eval: the held-out test set, or the validation set sampler settings are tuned on.")
 @click.option("--compare", type=click.Choice(["transformers"]), default=None,
               help="With --eval: also run the transformers reference; both sides deterministic.")
-def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, eval_n, compare):
+def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, eval_n, split, compare):
     """Solve PUZZLE (81 characters, 1-9 and 0 or . for blanks; default: a generated one)."""
     import portable_dg
     from .. import sudoku as sd
@@ -66,7 +68,7 @@ def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, ev
     path = model_path or sd.default_model_path()
     model = portable_dg.load(path, backend=backend)
     if eval_n is not None:
-        sys.exit(run_eval(model, path, eval_n, difficulty, seed, steps, compare))
+        sys.exit(run_eval(model, path, eval_n, split, difficulty, seed, steps, compare))
     if puzzle is None:
         puzzle = sd.grid_text(sd.puzzles(seed, 1, difficulty)[0][0])
     grid = sd.parse_puzzle(puzzle)
@@ -84,16 +86,17 @@ def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, ev
     sys.exit(1)
 
 
-def run_eval(model, path, n: int, difficulty: str, seed: int, steps: int | None,
+def run_eval(model, path, n: int, split: str, difficulty: str, seed: int, steps: int | None,
              compare: str | None) -> int:
-    """Print the scores on the held-out set; returns the exit status."""
+    """Print the scores on the first n puzzles of a split ("test" or "validation"); returns the
+    exit status."""
     from .. import sudoku as sd
 
     if n <= 0:
         raise ConfigError(f"--eval needs a positive number of puzzles, got {n}")
-    pairs = sd.test_set(n, difficulty)
+    pairs = (sd.test_set if split == "test" else sd.validation_set)(n, difficulty)
     givens = [int((p > 0).sum()) for p, _ in pairs]
-    click.echo(f"held-out set: {n} {difficulty} puzzles, {min(givens)}-{max(givens)} givens "
+    click.echo(f"{split} set: {n} {difficulty} puzzles, {min(givens)}-{max(givens)} givens "
                f"(mean {sum(givens) / n:.1f})", err=True)
     options = dict(max_denoising_steps=steps)
     if compare is None:
