@@ -13,9 +13,10 @@ probability 0.5 (`self_conditioning_mask`).  Unlike the recipe's fine-tuning of 
 model, the router is trained too (this model starts from random weights) and there is no
 co-trained encoder AR loss (the prompt is the puzzle, not text).
 
-Data: a pool of unique-solution puzzles from a training seed (the held-out test seed is never
-used), augmented by relabelling the digits and by the Sudoku symmetries (band/stack and row/column
-permutations within them, transposition), which keep a puzzle's solution unique.  Curriculum: easy
+Data: a pool of unique-solution puzzles from a training seed (never the held-out test seed nor the
+validation seed, whose first 64 puzzles give the logged validation loss), augmented by relabelling
+the digits and by the Sudoku symmetries (band/stack and row/column permutations within them,
+transposition), which keep a puzzle's solution unique.  Curriculum: easy
 puzzles (40-50 givens) first, then medium ones (32-39) mixed in.
 
 Checkpoints are written atomically in the Hugging Face DiffusionGemma layout with the Sudoku
@@ -130,7 +131,7 @@ def augment(puzzle: np.ndarray, solution: np.ndarray, rng: np.random.Generator) 
 
 def make_pool(seed: int, counts: dict[str, int]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Puzzles per difficulty from the training seed (never the test seed)."""
-    assert seed != sudoku.TEST_SEED
+    assert seed not in (sudoku.TEST_SEED, sudoku.VALIDATION_SEED)
     return {name: sudoku.puzzles(seed + i, n, name) for i, (name, n) in enumerate(counts.items())}
 
 
@@ -192,7 +193,9 @@ def train(args) -> None:
 
     say(f"building pool: {args.pool}")
     pool = make_pool(args.seed * 1000 + 1, dict(easy=args.pool, medium=args.pool // 2))
-    val_prompts, val_targets = (torch.from_numpy(a) for a in batch(pool, ["easy"], 64, np.random.default_rng(7)))
+    held = sudoku.validation_set(64)
+    val_prompts = torch.from_numpy(np.stack([sudoku.prompt_ids(p) for p, _ in held]))      # [64, 83]
+    val_targets = torch.from_numpy(np.stack([sudoku.solution_ids(s) for _, s in held]))    # [64, 81]
     model = build_model() if args.resume is None else _load(args.resume)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
