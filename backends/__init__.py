@@ -30,3 +30,12 @@ def get_backend(name: str, **options: Any):
         raise BackendUnavailable(f"backend {name!r} needs the package {e.name!r}: "
                                  f"pip install 'portable-dg[{name}]'") from None
     return module.create(**options)
+
+
+def available(name: str) -> bool:
+    """Whether the backend `name` is installed and its runtime imports on this machine."""
+    try:
+        get_backend(name)
+    except BackendUnavailable:
+        return False
+    return True

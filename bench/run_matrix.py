@@ -16,7 +16,6 @@ machine's measured float32 GEMM rate, against its measured time per step.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from portable_dg.backends import available
 from portable_dg.bench import format_table, human_bytes, machine, measure_sgemm, step_flops
 from portable_dg.cli import COMMANDS
 from portable_dg.config import DiffusionGemmaConfig, GenerationConfig
@@ -35,22 +35,9 @@ PDG = [sys.executable, "-m", "portable_dg.cli"]
 PRECISIONS = {
     "numpy": [("f32 (bf16 weights)", None)],
     "ggml": [("Q8_0", ("gguf", "Q8_0", "Q8_0.gguf")), ("Q4_K_M", ("gguf", "Q4_K_M", "Q4_K_M.gguf"))],
-    "mlx": [("8-bit", ("mlx", "8bit", "mlx-8bit"))],
+    "mlx": [("8-bit", ("mlx", "q8", "mlx-q8"))],
     "torch": [("bf16", None)],
 }
-
-
-def backend_available(name: str) -> bool:
-    """The backend's package is installed and its runtime imports."""
-    if importlib.util.find_spec(f"portable_dg.backends.{name}") is None:
-        return False
-    from portable_dg.backends import get_backend
-    from portable_dg.errors import PortableDGError
-    try:
-        get_backend(name)
-    except PortableDGError:
-        return False
-    return True
 
 
 def variants(workdir: Path, source: Path, backends: list[str], quants: list[str] | None
@@ -59,7 +46,7 @@ def variants(workdir: Path, source: Path, backends: list[str], quants: list[str]
     run, converting quantized models into workdir once."""
     out = []
     for backend in backends:
-        if backend not in PRECISIONS or not backend_available(backend):
+        if backend not in PRECISIONS or not available(backend):
             print(f"skip {backend}: backend not available here", file=sys.stderr)
             continue
         for label, conversion in PRECISIONS[backend]:
