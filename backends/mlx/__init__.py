@@ -144,6 +144,11 @@ class MLXBackend:
         if isinstance(w, QuantizedWeight):
             return mx.gather_qmm(x, w.weight, w.scales, w.biases, rhs_indices=experts, transpose=True,
                                  sorted_indices=sorted_indices, **w.params)
+        if self.dtype != mx.float32 and mx.default_device().type == mx.cpu:
+            # MLX's CPU gather_mm kernel is float32 only
+            out = mx.gather_mm(x.astype(mx.float32), w.swapaxes(-1, -2).astype(mx.float32),
+                               rhs_indices=experts, sorted_indices=sorted_indices)
+            return out.astype(self.dtype)
         return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_indices)
 
     def expert_linear(self, x: mx.array, w, ids: mx.array) -> mx.array:

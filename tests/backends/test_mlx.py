@@ -149,3 +149,15 @@ def test_bounds_catch_broken_quantized_weights(sharp, quant, damage):
     model = Model(dataclasses.replace(source, tensors=tensors), MLXBackend("float32"))
     kl, top1 = quality(reference, np.concatenate(three_passes(model)))
     assert kl > KL_BOUND[quant] and top1 < TOP1_BOUND[quant], (kl, top1)
+
+
+def test_bfloat16_float_experts_run_on_the_cpu():
+    """Float experts go through gather_mm, whose CPU kernel is float32 only; the default bfloat16
+    backend must still run them, and well enough to solve a puzzle the bundled model solves."""
+    from portable_dg import sudoku as sd
+
+    model = portable_dg.load(sd.default_model_path(), backend="mlx")
+    assert model.backend.compute_dtype == "bfloat16"
+    puzzle, solution = sd.test_set(1)[0]
+    result = sd.solve(model, puzzle, seed=0)
+    assert result.solved, result.problems
