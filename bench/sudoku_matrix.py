@@ -1,0 +1,157 @@
+"""Solve rate of a Sudoku checkpoint on every backend and quantization; writes bench/SUDOKU.md.
+
+    .venv/bin/python bench/sudoku_matrix.py [--model DIR] [--puzzles 1000] [--workdir DIR]
+
+Every variant solves the same first N puzzles of the held-out test set with the checkpoint's own
+generation config (its released sampler settings) and the same seed, so rows differ only by
+backend and weights.  Quantized files are written with `pdg convert` into --workdir once and
+reused.  Backends that are not installed here are skipped and said so.  Also: the transformers
+reference against our numpy backend under the deterministic stand-ins (fixed noise, argmax
+sampling), which must agree answer for answer, and the fp32 model on medium and hard puzzles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from portable_dg import load
+from portable_dg import sudoku as sd
+from portable_dg.backends import available
+
+HERE = Path(__file__).resolve().parent
+PDG = [sys.executable, "-m", "portable_dg.cli"]
+# (weights label, backend, (`pdg convert --to`, --quant) or None for the checkpoint as is)
+VARIANTS = [
+    ("fp32", "numpy", None),
+    ("fp32", "torch", None),
+    ("GGUF F32", "ggml", ("gguf", "F32")),
+    ("GGUF Q8_0", "ggml", ("gguf", "Q8_0")),
+    ("GGUF Q4_K_M", "ggml", ("gguf", "Q4_K_M")),
+    ("MLX q8", "numpy", ("mlx", "q8")),
+    ("MLX q4", "numpy", ("mlx", "q4")),
+    ("MLX q8", "mlx", ("mlx", "q8")),
+    ("MLX q4", "mlx", ("mlx", "q4")),
+]
+# the targets of issue 7: points of solve rate a quantization may lose against fp32
+TOLERANCE = {"Q8_0": 1.0, "q8": 1.0, "Q4_K_M": 5.0, "q4": 5.0}
+
+
+def converted(source: Path, workdir: Path, target: str, quant: str) -> Path:
+    """`pdg convert` of source to (target, quant) in workdir, written once."""
+    path = workdir / f"{source.name}-{quant}{'.gguf' if target == 'gguf' else ''}"
+    if not path.exists():
+        done = subprocess.run(PDG + ["convert", str(source), str(path), "--to", target, "--quant", quant],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"pdg convert --to {target} --quant {quant} failed: {done.stderr.strip()[-400:]}")
+    return path
+
+
+def timed_evaluation(path: Path, backend: str, pairs, seed: int) -> tuple[sd.Evaluation, float]:
+    """(scores, seconds) of the model at path on backend."""
+    model = load(path, backend=backend)
+    start = time.perf_counter()
+    result = sd.evaluate(model, pairs, seed=seed)
+    return result, time.perf_counter() - start
+
+
+def row(weights: str, backend: str, ev: sd.Evaluation, seconds: float, fp32: sd.Evaluation | None) -> str:
+    """One markdown table row; the last column is the change in solve rate against fp32 numpy."""
+    delta = "" if fp32 is None else f"{100 * (ev.solve_rate - fp32.solve_rate):+.1f}"
+    quant = weights.split()[-1]
+    if fp32 is not None and quant in TOLERANCE:
+        ok = abs(100 * (ev.solve_rate - fp32.solve_rate)) <= TOLERANCE[quant]
+        delta += f" ({'within' if ok else 'outside'} {TOLERANCE[quant]:g})"
+    return (f"| {weights} | {backend} | {100 * ev.solve_rate:.1f}% | {100 * ev.cells_correct:.1f}% | "
+            f"{ev.mean_steps:.2f} | {delta} | {1000 * seconds / ev.puzzles:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=sd.default_model_path())
+    parser.add_argument("--puzzles", type=int, default=1000, help="first N puzzles of the test set")
+    parser.add_argument("--compare-puzzles", type=int, default=200,
+                        help="puzzles for the transformers comparison (it is slow)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None, help="where converted files go (default: a temporary directory)")
+    parser.add_argument("--out", type=Path, default=HERE / "SUDOKU.md")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = args.workdir or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        lines = run(args, workdir)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[str]:
+    """Every measurement -> the lines of SUDOKU.md."""
+    gen = load(args.model, backend="numpy").generation_config
+    pairs = sd.test_set(args.puzzles)
+    lines = [
+        "# Sudoku: the bundled model on every backend and quantization", "",
+        f"Written by `bench/sudoku_matrix.py` on {datetime.now(timezone.utc):%Y-%m-%d}.  Reproduce: "
+        f"`.venv/bin/python bench/sudoku_matrix.py {' '.join(sys.argv[1:])}`.", "",
+        f"The first {args.puzzles} puzzles of the held-out test set (easy: 40-50 givens), seed "
+        f"{args.seed}, the checkpoint's released sampler settings: at most {gen.max_denoising_steps} "
+        f"steps, entropy bound {gen.entropy_bound:g}, temperature {gen.t_max:g} -> {gen.t_min:g}, "
+        f"stop when stable for {gen.stability_threshold} step(s) and mean entropy < "
+        f"{gen.confidence_threshold:g}.  The last column is wall time per puzzle on this machine.", "",
+        "| weights | backend | solved | blank cells right | mean steps | vs fp32 (points) | ms/puzzle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fp32 = None
+    for weights, backend, conversion in VARIANTS:
+        if not available(backend):
+            print(f"skip {weights} on {backend}: backend not installed", file=sys.stderr)
+            lines.append(f"| {weights} | {backend} | not installed here | | | | |")
+            continue
+        path = args.model if conversion is None else converted(args.model, workdir, *conversion)
+        ev, seconds = timed_evaluation(path, backend, pairs, args.seed)
+        print(f"{weights} on {backend}: {ev.summary()}", file=sys.stderr, flush=True)
+        lines.append(row(weights, backend, ev, seconds, fp32))
+        fp32 = fp32 or ev
+    lines += ["", *difficulty_section(args), "", *compare_section(args)]
+    return lines
+
+
+def difficulty_section(args: argparse.Namespace) -> list[str]:
+    """fp32 numpy on the harder sets (the model was trained on easy puzzles only)."""
+    model = load(args.model, backend="numpy")
+    lines = ["## Harder puzzles (fp32, numpy)", "", "| difficulty | givens | solved | blank cells right | mean steps |",
+             "|---|---|---|---|---|"]
+    for name in ("easy", "medium", "hard"):
+        low, high = sd.DIFFICULTY[name]
+        ev = sd.evaluate(model, sd.test_set(min(args.puzzles, 200), name), seed=args.seed)
+        print(f"{name}: {ev.summary()}", file=sys.stderr, flush=True)
+        lines.append(f"| {name} ({ev.puzzles} puzzles) | {low}-{high} | {100 * ev.solve_rate:.1f}% | "
+                     f"{100 * ev.cells_correct:.1f}% | {ev.mean_steps:.2f} |")
+    return lines
+
+
+def compare_section(args: argparse.Namespace) -> list[str]:
+    """transformers 5.23.0 against numpy, both deterministic, on the same puzzles."""
+    if not available("torch"):
+        return ["## transformers reference", "", "Not run: torch is not installed here."]
+    pairs = sd.test_set(args.compare_puzzles)
+    model = load(args.model, backend="numpy")
+    ours = sd.evaluate(model, pairs, noise=sd.pattern_noise(model.config.vocab_size), greedy=True)
+    ref = sd.reference_evaluate(args.model, pairs)
+    agree = sum(a == b for a, b in zip(ours.answers, ref.answers))
+    print(f"transformers: {ref.summary()}; identical answers {agree}/{len(pairs)}", file=sys.stderr)
+    return ["## transformers reference (deterministic stand-ins)", "",
+            f"Fixed canvas noise and argmax sampling on both sides, first {len(pairs)} test puzzles.", "",
+            "| implementation | solved | blank cells right | mean steps |", "|---|---|---|---|",
+            f"| portable_dg numpy | {100 * ours.solve_rate:.1f}% | {100 * ours.cells_correct:.1f}% | {ours.mean_steps:.2f} |",
+            f"| transformers 5.23.0 | {100 * ref.solve_rate:.1f}% | {100 * ref.cells_correct:.1f}% | {ref.mean_steps:.2f} |",
+            "", f"Identical answers: **{agree}/{len(pairs)}**."]
+
+
+if __name__ == "__main__":
+    main()
