@@ -147,8 +147,9 @@ def results_markdown(info: dict, sgemm: float, rows: dict[str, list], floors: di
     ]
     for mode, mode_rows in rows.items():
         lines += [f"## Steps: {mode}", "",
-                  "| backend | precision | canvas tok/s | visible tok/s | steps/canvas | time to first canvas (s) "
-                  "| prefill tok/s | ms/step | peak host memory | within memory target | canvas tok/s vs transformers |",
+                  "| backend | precision | canvas tok/s | visible tok/s | steps/canvas "
+                  "| time to first canvas (s) | prefill tok/s | ms/step | peak host memory "
+                  "| within memory target | canvas tok/s vs transformers |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         reference = next((r["reference"] for _, _, r in mode_rows if r.get("reference")), None)
         for backend, label, r in mode_rows:

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-puzzles", type=int, default=200,
                         help="puzzles for the transformers comparison (it is slow)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None, help="where converted files go (default: a temporary directory)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where converted files go (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=HERE / "SUDOKU.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
@@ -148,9 +149,13 @@ def compare_section(args: argparse.Namespace) -> list[str]:
     return ["## transformers reference (deterministic stand-ins)", "",
             f"Fixed canvas noise and argmax sampling on both sides, first {len(pairs)} test puzzles.", "",
             "| implementation | solved | blank cells right | mean steps |", "|---|---|---|---|",
-            f"| portable_dg numpy | {100 * ours.solve_rate:.1f}% | {100 * ours.cells_correct:.1f}% | {ours.mean_steps:.2f} |",
-            f"| transformers 5.23.0 | {100 * ref.solve_rate:.1f}% | {100 * ref.cells_correct:.1f}% | {ref.mean_steps:.2f} |",
+            scores_row("portable_dg numpy", ours), scores_row("transformers 5.23.0", ref),
             "", f"Identical answers: **{agree}/{len(pairs)}**."]
+
+
+def scores_row(name: str, ev: sd.Evaluation) -> str:
+    """| name | solved | blank cells right | mean steps |"""
+    return f"| {name} | {100 * ev.solve_rate:.1f}% | {100 * ev.cells_correct:.1f}% | {ev.mean_steps:.2f} |"
 
 
 if __name__ == "__main__":

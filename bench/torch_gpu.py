@@ -114,8 +114,9 @@ def run_transformers(path: Path, device: str, prompt: np.ndarray, new: int, step
         sync(device)
         wall = time.perf_counter() - start
     canvases = -(-new // model.config.canvas_length)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {"canvases": canvases, "visible_tok_s": model.config.canvas_length * canvases / wall,
-            "wall_s": wall, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+            "wall_s": wall, "peak_gib": peak}
 
 
 def check(paths: dict[str, Path], device: str, prompt: np.ndarray) -> None:
@@ -140,7 +141,8 @@ def check(paths: dict[str, Path], device: str, prompt: np.ndarray) -> None:
     la -= np.log(np.exp(la).sum(-1, keepdims=True))
     lb = b - b.max(-1, keepdims=True)
     lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
-    print(f"fp8 native={native.backend.fp8_native} vs emulation: mean KL {float((np.exp(lb) * (lb - la)).sum(-1).mean()):.2e}, "
+    kl = float((np.exp(lb) * (lb - la)).sum(-1).mean())
+    print(f"fp8 native={native.backend.fp8_native} vs emulation: mean KL {kl:.2e}, "
           f"top-1 {float((a.argmax(-1) == b.argmax(-1)).mean()):.3f}")
 
 

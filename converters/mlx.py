@@ -14,7 +14,8 @@ default) keeps the router projection and the self-conditioning MLP in float, so 
 the feedback of the previous step's logits are not disturbed by quantization; "mlx-vlm" quantizes
 them as mlx-vlm does (router 8-bit, self-conditioning MLP at the requested mode), reproducing the
 mlx-community files exactly.  Both load in mlx-vlm/mlx-lm, which quantize a module iff its
-`.scales` exist.  Norms, router scales and layer scalars are never quantized.  The embedding stays 8-bit *affine* even in mxfp4 files because mlx-vlm's
+`.scales` exist.  Norms, router scales and layer scalars are never quantized.  The embedding
+stays 8-bit *affine* even in mxfp4 files because mlx-vlm's
 self-conditioning multiplies the probabilities by the packed table without passing a mode
 (spec §2.4): an mxfp4 embedding would be read as affine there and break self-conditioning.
 

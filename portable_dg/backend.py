@@ -6,7 +6,8 @@ written once against this protocol; a backend supplies ops and weight storage, n
 Arrays.  A backend's activation arrays (`Array`) support the Python operators `+ - * /` and unary
 `-` with arrays of the same shape or broadcastable shapes and with Python scalars, `.shape`,
 comparisons `< <= > >= ==`, `&` on bool arrays, `.shape`, `.reshape(*shape)` and basic slicing
-(`x[..., a:b]`, `x[:, None]`) and indexing by an int array.  numpy, torch and mlx arrays all do.  Weights (`Weight`) are opaque: a backend may keep them quantized in its own format and
+(`x[..., a:b]`, `x[:, None]`) and indexing by an int array.  numpy, torch and mlx arrays all do.
+Weights (`Weight`) are opaque: a backend may keep them quantized in its own format and
 only hands them to `embedding`, `linear`, `expert_linear`, `soft_embedding` and `rms_norm`; small
 vectors (norm weights, router scales, layer scalars) are plain `Array`s.
 

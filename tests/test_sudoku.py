@@ -173,11 +173,9 @@ def test_checkpoint_is_saved_loadable(tmp_path):
     import train_sudoku
 
     out = tmp_path / "ckpt"
-    train_sudoku.save_checkpoint(train_sudoku.build_model(dict(hidden_size=32, num_hidden_layers=2,
-                                                               layer_types=["sliding_attention", "full_attention"])), out)
-    train_sudoku.save_checkpoint(train_sudoku.build_model(dict(hidden_size=32, num_hidden_layers=2,
-                                                               layer_types=["sliding_attention", "full_attention"]),
-                                                          seed=1), out)
+    small = dict(hidden_size=32, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    train_sudoku.save_checkpoint(train_sudoku.build_model(small), out)
+    train_sudoku.save_checkpoint(train_sudoku.build_model(small, seed=1), out)     # replaces it atomically
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     model = portable_dg.load(out)
     assert model.tokenizer.decode(sd.solution_ids(np.arange(1, 10)).tolist()) == "123456789"

@@ -96,7 +96,9 @@ class MLXBackend:
     # --- weights and host transfer ------------------------------------------------------------
     def weight(self, name: str, value: Any) -> mx.array | QuantizedWeight:
         if isinstance(value, MLXQuantized):
-            floats = (lambda a: mx.array(a).astype(self.dtype))
+            def floats(a):
+                return mx.array(a).astype(self.dtype)
+
             w = QuantizedWeight(mx.array(value.weight),
                                 floats(value.scales) if value.mode == "affine" else mx.array(value.scales),
                                 None if value.biases is None else floats(value.biases),

@@ -87,7 +87,8 @@ def test_quantized_products_match_an_independent_dequantization(backend, qtype):
     assert np.linalg.norm(backend.linear(x, W2) - expected) <= 2e-2 * np.linalg.norm(expected)
     np.testing.assert_allclose(backend.embedding(W2, np.array([2, 70])), dense.reshape(-1, n)[[2, 70]], atol=1e-6)
     probs = REF.softmax(rand(T, E * out, seed=6))
-    np.testing.assert_allclose(backend.soft_embedding(probs, W2), probs @ dense.reshape(E * out, n), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(backend.soft_embedding(probs, W2), probs @ dense.reshape(E * out, n),
+                               rtol=1e-4, atol=1e-6)
 
 
 # --- the inherited numpy ops still behave --------------------------------------------------------
@@ -104,7 +105,8 @@ def test_elementwise_and_sampler_ops(backend):
     inv_freq = np.array([1.0, 0.1, 0.0, 0.0, 0.01], np.float32)
     checks = {
         "rms_norm": (backend.rms_norm(x, x[0], 1e-6), REF.rms_norm(x, x[0], 1e-6)),
-        "rope": (backend.rope(x.reshape(6, 1, 10), np.arange(6), inv_freq), REF.rope(x.reshape(6, 1, 10), np.arange(6), inv_freq)),
+        "rope": (backend.rope(x.reshape(6, 1, 10), np.arange(6), inv_freq),
+                 REF.rope(x.reshape(6, 1, 10), np.arange(6), inv_freq)),
         "gelu": (backend.gelu_tanh(x), REF.gelu_tanh(x)),
         "softmax": (backend.softmax(x), REF.softmax(x)),
         "softcap": (backend.softcap(x, 3.0), REF.softcap(x, 3.0)),

@@ -47,7 +47,8 @@ def write_k256(path: Path, seed: int = 0) -> Path:
     tensors = {}
     for name, shape in expected_tensors(cfg).items():
         if len(shape) == 1:   # small q/k norms keep attention (scale 1.0) from being one-hot
-            base = 0.5 if name.endswith("layer_scalar") else 0.25 if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            base = (0.5 if name.endswith("layer_scalar")
+                    else 0.25 if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0)
             tensors[name] = (base + 0.2 * rng.standard_normal(shape)).astype(np.float32)
         else:
             std = 0.1 if name.endswith("embed_tokens.weight") else shape[-1] ** -0.5

@@ -94,7 +94,8 @@ def test_layout(sharp, sharp_fp8):
     assert any("router.proj" in n for n in kept) and any("self_conditioning.gate_proj" in n for n in kept)
     config = json.loads((sharp_fp8 / "config.json").read_text())
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "compressed-tensors" and qc["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    assert qc["quant_method"] == "compressed-tensors"
+    assert qc["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
     assert qc["portable_dg"]["source"] == str(sharp)
     index = json.loads((sharp_fp8 / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(refs)
