@@ -95,7 +95,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, quant: str = "F16", *,
     check_tensors(refs, cfg, str(src))
     importance = load_imatrix(imatrix) if imatrix else {}
     metadata = model_metadata(cfg, gen, name=src.name, quant=quant)
-    metadata.update(tokenizer_metadata(src, Tokenizer.from_directory(src), list(gen.eos_token_id or [])))
+    metadata.update(tokenizer_metadata(src, Tokenizer.from_directory(src)))
     planned = [_plan_hf_tensor(name, ref, quant, cfg, importance) for name, ref in _ordered(refs, cfg)]
     planned.insert(1, _rope_freqs_tensor(cfg))
     return write_gguf(out, ARCH, metadata, planned, protect=src, progress=progress)
@@ -196,7 +196,9 @@ def model_metadata(cfg: DiffusionGemmaConfig, gen: GenerationConfig, name: str,
         Keys.EB_ENTROPY_BOUND: ("FLOAT32", gen.entropy_bound),
         Keys.EB_STABILITY_THRESHOLD: ("UINT32", gen.stability_threshold),
         Keys.EB_CONFIDENCE_THRESHOLD: ("FLOAT32", gen.confidence_threshold),
-    }.items()}
+        Keys.MAX_NEW_TOKENS: ("UINT32", gen.max_new_tokens),
+        Keys.EOS_IDS: ("ARRAY:INT32", list(gen.eos_token_id or [])),
+    }.items() if key != Keys.EOS_IDS or val[1]}
     return {key.format(arch=ARCH): val for key, val in k.items()}
 
 
@@ -380,7 +382,7 @@ def read_gguf(path: str | Path) -> ModelSource:
 
     Tensors come under canonical HF names: F32/F16 as memory-mapped numpy arrays, other types as
     `GGUFTensor`s.  Raises FormatError on a malformed file or one of another architecture."""
-    from .gguf_tokenizer import EOS_IDS, tokenizer_from_metadata
+    from .gguf_tokenizer import tokenizer_from_metadata
 
     path = Path(path)
     reader = open_gguf(path)
@@ -393,7 +395,7 @@ def read_gguf(path: str | Path) -> ModelSource:
     tokenizer = tokenizer_from_metadata(fields, str(path))
     types = sorted({t.tensor_type.name for t in reader.tensors})
     metadata = {"architecture": arch, "types": types, "file_type": fields.get("general.file_type"),
-                "eos_from_metadata": EOS_IDS in fields}
+                "eos_from_metadata": Keys.EOS_IDS in fields}
     return ModelSource(cfg, gen, tensors, tokenizer, "gguf", path, metadata)
 
 
@@ -455,8 +457,7 @@ def config_from_metadata(fields: Mapping[str, Any], arch: str, stored: Mapping[s
 def _eos_ids(fields: Mapping[str, Any], vocab: int) -> list[int]:
     """tokenizer.ggml.eos_token_ids when written; otherwise DiffusionGemma's {1, 106, 50} (spec
     §1.5: the Unsloth files carry only one eos id and unreliable token types)."""
-    from .gguf_tokenizer import EOS_IDS
-    ids = fields.get(EOS_IDS)
+    ids = fields.get(Keys.EOS_IDS)
     if isinstance(ids, list) and ids:
         return [int(i) for i in ids]
     return [i for i in (1, 106, 50) if i < vocab]

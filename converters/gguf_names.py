@@ -112,6 +112,8 @@ class Keys:
     EB_ENTROPY_BOUND = "diffusion.eb_entropy_bound"
     EB_STABILITY_THRESHOLD = "diffusion.eb_stability_threshold"
     EB_CONFIDENCE_THRESHOLD = "diffusion.eb_confidence_threshold"
+    MAX_NEW_TOKENS = "diffusion.max_new_tokens"                # portable_dg's; llama.cpp ignores it
+    EOS_IDS = "tokenizer.ggml.eos_token_ids"                   # every id that ends generation
 
 
 # diffusion.eb_* key -> GenerationConfig field (defaults of llama-diffusion-cli = transformers')
@@ -122,4 +124,5 @@ SAMPLER_KEYS = {
     Keys.EB_ENTROPY_BOUND: "entropy_bound",
     Keys.EB_STABILITY_THRESHOLD: "stability_threshold",
     Keys.EB_CONFIDENCE_THRESHOLD: "confidence_threshold",
+    Keys.MAX_NEW_TOKENS: "max_new_tokens",
 }

@@ -2,7 +2,9 @@
 
 Writing: a BPE `tokenizer.json` becomes tokens / scores / token types / merges, the special ids and
 the chat template, plus the whole `tokenizer.json` under `tokenizer.huggingface.json` (a gguf-py key
-llama.cpp ignores) so our own reader tokenizes exactly like the checkpoint.
+llama.cpp ignores) so our own reader tokenizes exactly like the checkpoint; a tokenizer of another
+kind (the Sudoku model's word-level one) travels under that key alone.  The EOS ids are written
+with the model's keys, from the generation config, tokenizer or not.
 Reading: `tokenizer.huggingface.json` when present; otherwise a Gemma-style byte-fallback BPE rebuilt
 from tokens and merges (the Unsloth files).
 """
@@ -20,7 +22,6 @@ from portable_dg.tokenizer import Tokenizer
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 HF_JSON = "tokenizer.huggingface.json"
-EOS_IDS = "tokenizer.ggml.eos_token_ids"
 SPECIAL_IDS = {  # key suffix -> token text of the Gemma vocabulary
     "bos_token_id": "<bos>", "eos_token_id": "<eos>", "unknown_token_id": "<unk>",
     "padding_token_id": "<pad>", "mask_token_id": "<mask>",
@@ -28,11 +29,11 @@ SPECIAL_IDS = {  # key suffix -> token text of the Gemma vocabulary
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-def tokenizer_metadata(directory: Path, tokenizer: Tokenizer | None,
-                       eos_ids: list[int]) -> dict[str, tuple[str, Any]]:
+def tokenizer_metadata(directory: Path, tokenizer: Tokenizer | None) -> dict[str, tuple[str, Any]]:
     """GGUF keys for the tokenizer of a checkpoint directory: key -> (gguf-py value type name, value).
 
-    Empty when the directory has no BPE `tokenizer.json`."""
+    Empty when the directory has no `tokenizer.json`; a tokenizer that is not BPE (the Sudoku
+    model's word-level one) travels only as tokenizer.huggingface.json, which llama.cpp cannot use."""
     path = directory / "tokenizer.json"
     if tokenizer is None or not path.exists():
         return {}
@@ -40,7 +41,7 @@ def tokenizer_metadata(directory: Path, tokenizer: Tokenizer | None,
     spec = json.loads(text)
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        return {}
+        return {HF_JSON: ("STRING", text)}
     added = {int(t["id"]): t for t in spec.get("added_tokens", [])}
     vocab: dict[int, str] = {int(i): tok for tok, i in model["vocab"].items()}
     vocab.update({i: t["content"] for i, t in added.items()})
@@ -56,7 +57,6 @@ def tokenizer_metadata(directory: Path, tokenizer: Tokenizer | None,
         "tokenizer.ggml.token_type": ("ARRAY:INT32", types),
         "tokenizer.ggml.add_bos_token": ("BOOL", True),
         "tokenizer.ggml.add_space_prefix": ("BOOL", False),
-        EOS_IDS: ("ARRAY:INT32", list(eos_ids)),
         HF_JSON: ("STRING", text),
     }
     if merges:

@@ -491,3 +491,18 @@ def test_cli_convert_imatrix_quantize(tiny_dir, tmp_path):
     assert describe_gguf(tmp_path / "a-q8.gguf")["file_type"] == 7
     bad = run(main, ["quantize", f16, f16, "--quant", "Q8_0"])
     assert bad.exit_code == 1 and "refusing to overwrite" in bad.output
+
+
+def test_sudoku_model_keeps_its_tokenizer_eos_and_budget(tmp_path):
+    """A word-level tokenizer (not BPE) travels as tokenizer.huggingface.json; the EOS ids and
+    max_new_tokens come from the generation config even without a BPE vocabulary."""
+    from portable_dg import sudoku as sd
+
+    source = portable_dg.load(sd.default_model_path())
+    path = convert_to_gguf(sd.default_model_path(), tmp_path / "sudoku.gguf", "F32", progress=False)
+    model = portable_dg.load(path)
+    assert model.config.eos_token_id == source.config.eos_token_id == [sd.EOS]
+    assert model.generation_config.max_new_tokens == source.generation_config.max_new_tokens == sd.CELLS
+    puzzle, solution = sd.test_set(1)[0]
+    assert model.tokenizer.encode(sd.grid_text(puzzle)) == source.tokenizer.encode(sd.grid_text(puzzle))
+    assert model.tokenizer.decode(sd.solution_ids(solution).tolist()) == sd.grid_text(solution)
