@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -179,3 +181,21 @@ def test_checkpoint_is_saved_loadable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     model = portable_dg.load(out)
     assert model.tokenizer.decode(sd.solution_ids(np.arange(1, 10)).tolist()) == "123456789"
+
+
+def test_tune_sampler_scores_and_writes_a_setting(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import tune_sampler
+
+    result = tune_sampler.score(str(sd.default_model_path()), 2, 0.8, 1.2, 0.05)
+    assert set(result) >= {"solve_rate", "cells_correct", "mean_steps"} and 0 <= result["solve_rate"] <= 1
+    model_dir = tmp_path / "sudoku"
+    shutil.copytree(sd.default_model_path(), model_dir)
+    before = json.loads((model_dir / "generation_config.json").read_text())
+    tune_sampler.write_best(model_dir, result)
+    after = json.loads((model_dir / "generation_config.json").read_text())
+    assert {k: v for k, v in after.items() if k not in ("t_min", "t_max", "sampler_config")} == \
+        {k: v for k, v in before.items() if k not in ("t_min", "t_max", "sampler_config")}
+    gen = portable_dg.load(model_dir).generation_config
+    assert (gen.t_min, gen.t_max, gen.entropy_bound) == (0.8, 1.2, 0.05)
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(p.name for p in sd.default_model_path().iterdir())
