@@ -1,28 +1,35 @@
 """Solve rate of a Sudoku checkpoint on every backend and quantization; writes bench/SUDOKU.md.
 
-    .venv/bin/python bench/sudoku_matrix.py [--model DIR] [--puzzles 1000] [--workdir DIR]
+    .venv/bin/python bench/sudoku_matrix.py [--model DIR] [--puzzles 1000] [--mlx-puzzles 100] [--workdir DIR]
 
 Every variant solves the same first N puzzles of the held-out test set with the checkpoint's own
 generation config (its released sampler settings) and the same seed, so rows differ only by
 backend and weights.  Quantized files are written with `pdg convert` into --workdir once and
-reused.  Backends that are not installed here are skipped and said so.  Also: the transformers
+reused.  Backends that are not installed here are skipped and said so.  The mlx backend solves
+fewer puzzles (mlx[cpu] on Linux is slow) and is compared with fp32 on the same ones.  Variants
+run in parallel, one process per core with one thread each.  Also: the transformers
 reference against our numpy backend under the deterministic stand-ins (fixed noise, argmax
 sampling), which must agree answer for answer, and the fp32 model on medium and hard puzzles.
 """
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
-import tempfile
-import time
-from datetime import datetime, timezone
-from pathlib import Path
+import os
 
-from portable_dg import load
-from portable_dg import sudoku as sd
-from portable_dg.backends import available
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")    # one process per core; set before numpy loads
+
+import argparse  # noqa: E402
+import subprocess  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from portable_dg import load  # noqa: E402
+from portable_dg import sudoku as sd  # noqa: E402
+from portable_dg.backends import available  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PDG = [sys.executable, "-m", "portable_dg.cli"]
@@ -53,11 +60,15 @@ def converted(source: Path, workdir: Path, target: str, quant: str) -> Path:
     return path
 
 
-def timed_evaluation(path: Path, backend: str, pairs, seed: int) -> tuple[sd.Evaluation, float]:
-    """(scores, seconds) of the model at path on backend."""
+def timed_evaluation(path: Path, backend: str, puzzles: int, difficulty: str,
+                     seed: int) -> tuple[sd.Evaluation, float]:
+    """(scores, seconds) of the model at path on backend, over the first test puzzles."""
+    if backend == "torch":
+        import torch
+        torch.set_num_threads(1)
     model = load(path, backend=backend)
     start = time.perf_counter()
-    result = sd.evaluate(model, pairs, seed=seed)
+    result = sd.evaluate(model, sd.test_set(puzzles, difficulty), seed=seed)
     return result, time.perf_counter() - start
 
 
@@ -68,7 +79,7 @@ def row(weights: str, backend: str, ev: sd.Evaluation, seconds: float, fp32: sd.
     if fp32 is not None and quant in TOLERANCE:
         ok = abs(100 * (ev.solve_rate - fp32.solve_rate)) <= TOLERANCE[quant]
         delta += f" ({'within' if ok else 'outside'} {TOLERANCE[quant]:g})"
-    return (f"| {weights} | {backend} | {100 * ev.solve_rate:.1f}% | {100 * ev.cells_correct:.1f}% | "
+    return (f"| {weights} | {backend} | {ev.puzzles} | {100 * ev.solve_rate:.1f}% | {100 * ev.cells_correct:.1f}% | "
             f"{ev.mean_steps:.2f} | {delta} | {1000 * seconds / ev.puzzles:.0f} |")
 
 
@@ -76,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=sd.default_model_path())
     parser.add_argument("--puzzles", type=int, default=1000, help="first N puzzles of the test set")
+    parser.add_argument("--mlx-puzzles", type=int, default=100, help="the first N of them on the mlx backend")
+    parser.add_argument("--harder-puzzles", type=int, default=200, help="medium and hard puzzles each")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--compare-puzzles", type=int, default=200,
                         help="puzzles for the transformers comparison (it is slow)")
     parser.add_argument("--seed", type=int, default=0)
@@ -94,7 +108,6 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, workdir: Path) -> list[str]:
     """Every measurement -> the lines of SUDOKU.md."""
     gen = load(args.model, backend="numpy").generation_config
-    pairs = sd.test_set(args.puzzles)
     lines = [
         "# Sudoku: the bundled model on every backend and quantization", "",
         f"Written by `bench/sudoku_matrix.py` on {datetime.now(timezone.utc):%Y-%m-%d}.  Reproduce: "
@@ -103,37 +116,42 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         f"{args.seed}, the checkpoint's released sampler settings: at most {gen.max_denoising_steps} "
         f"steps, entropy bound {gen.entropy_bound:g}, temperature {gen.t_max:g} -> {gen.t_min:g}, "
         f"stop when stable for {gen.stability_threshold} step(s) and mean entropy < "
-        f"{gen.confidence_threshold:g}.  The last column is wall time per puzzle on this machine.", "",
-        "| weights | backend | solved | blank cells right | mean steps | vs fp32 (points) | ms/puzzle |",
-        "|---|---|---|---|---|---|---|",
+        f"{gen.confidence_threshold:g}.  The last column is wall time per puzzle on this machine, "
+        f"{args.workers} process(es) at a time, one thread each.", "",
+        "| weights | backend | puzzles | solved | blank cells right | mean steps | vs fp32 (points) | ms/puzzle |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    fp32 = None
+    fp32 = VARIANTS[0][:2]
+    table, extra = [], []           # (weights, backend, path, puzzles, difficulty)
     for weights, backend, conversion in VARIANTS:
         if not available(backend):
             print(f"skip {weights} on {backend}: backend not installed", file=sys.stderr)
-            lines.append(f"| {weights} | {backend} | not installed here | | | | |")
             continue
         path = args.model if conversion is None else converted(args.model, workdir, *conversion)
-        ev, seconds = timed_evaluation(path, backend, pairs, args.seed)
+        table.append((weights, backend, path, args.mlx_puzzles if backend == "mlx" else args.puzzles, "easy"))
+    if any(job[3] != args.puzzles for job in table):          # fp32 on the mlx rows' puzzles too
+        extra.append((*fp32, args.model, args.mlx_puzzles, "easy"))
+    extra += [(*fp32, args.model, args.harder_puzzles, name) for name in ("medium", "hard")]
+    with ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(timed_evaluation, path, backend, n, difficulty, args.seed)
+                   for _, backend, path, n, difficulty in table + extra]
+        results = dict(zip(table + extra, (f.result() for f in futures)))
+    reference = {job[3]: results[job][0] for job in table + extra if job[:2] == fp32 and job[4] == "easy"}
+    for job in table:
+        (ev, seconds), (weights, backend) = results[job], job[:2]
         print(f"{weights} on {backend}: {ev.summary()}", file=sys.stderr, flush=True)
-        lines.append(row(weights, backend, ev, seconds, fp32))
-        fp32 = fp32 or ev
-    lines += ["", *difficulty_section(args), "", *compare_section(args)]
-    return lines
-
-
-def difficulty_section(args: argparse.Namespace) -> list[str]:
-    """fp32 numpy on the harder sets (the model was trained on easy puzzles only)."""
-    model = load(args.model, backend="numpy")
-    lines = ["## Harder puzzles (fp32, numpy)", "", "| difficulty | givens | solved | blank cells right | mean steps |",
-             "|---|---|---|---|---|"]
-    for name in ("easy", "medium", "hard"):
-        low, high = sd.DIFFICULTY[name]
-        ev = sd.evaluate(model, sd.test_set(min(args.puzzles, 200), name), seed=args.seed)
-        print(f"{name}: {ev.summary()}", file=sys.stderr, flush=True)
-        lines.append(f"| {name} ({ev.puzzles} puzzles) | {low}-{high} | {100 * ev.solve_rate:.1f}% | "
+        lines.append(row(weights, backend, ev, seconds, None if job[:2] == fp32 else reference[ev.puzzles]))
+    lines += [f"| {weights} | {backend} | not installed here | | | | | |"
+              for weights, backend, _ in VARIANTS if not available(backend)]
+    lines += ["", "## Harder puzzles (fp32, numpy; the model was trained on easy ones only)", "",
+              "| difficulty | givens | puzzles | solved | blank cells right | mean steps |",
+              "|---|---|---|---|---|---|"]
+    for job in [table[0]] + extra[-2:]:
+        ev, difficulty = results[job][0], job[4]
+        low, high = sd.DIFFICULTY[difficulty]
+        lines.append(f"| {difficulty} | {low}-{high} | {ev.puzzles} | {100 * ev.solve_rate:.1f}% | "
                      f"{100 * ev.cells_correct:.1f}% | {ev.mean_steps:.2f} |")
-    return lines
+    return [*lines, "", *compare_section(args)]
 
 
 def compare_section(args: argparse.Namespace) -> list[str]:
