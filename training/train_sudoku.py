@@ -22,8 +22,8 @@ puzzles (40-50 givens) first, then medium ones (32-39) mixed in.
 Checkpoints are written atomically in the Hugging Face DiffusionGemma layout with the Sudoku
 tokenizer, loadable by transformers 5.23.0 and by `portable_dg.load`.
 
-The bundled model: about 1.5 hours from random weights in runs of 55 minutes (batch 16, then 32,
-easy puzzles only), then `--resume` runs with `--batch 32 --easy-until 1.0`: 33 minutes at
+The bundled model: about 1.5 hours from random weights in runs of about an hour (the last with
+`--batch 32 --easy-until 1.0`), then `--resume` runs with `--batch 32 --easy-until 1.0`: 33 minutes at
 `--lr 2e-3 --seed 3` (stopped early: the restarted optimizer set it back at first), then
 `--minutes 65 --lr 1e-3 --warmup 50 --seed 4`; validation loss 0.094 -> 0.071 over the last run.
 `training/tune_sampler.py --write` chose its sampler settings.
