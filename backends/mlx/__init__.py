@@ -107,7 +107,10 @@ class MLXBackend:
             return w
         if hasattr(value, "dequantize"):       # another format's quantized tensor (GGUF, ...)
             value = value.dequantize()
-        array = mx.array(np.asarray(value, np.float32)).astype(self.dtype)
+        array = mx.array(np.asarray(value, np.float32))
+        # float experts [E, out, in] stay float32 on the CPU, whose gather_mm kernel is float32 only
+        if not (array.ndim == 3 and mx.default_device().type == mx.cpu):
+            array = array.astype(self.dtype)
         mx.eval(array)
         return array
 
@@ -146,12 +149,9 @@ class MLXBackend:
         if isinstance(w, QuantizedWeight):
             return mx.gather_qmm(x, w.weight, w.scales, w.biases, rhs_indices=experts, transpose=True,
                                  sorted_indices=sorted_indices, **w.params)
-        if self.dtype != mx.float32 and mx.default_device().type == mx.cpu:
-            # MLX's CPU gather_mm kernel is float32 only
-            out = mx.gather_mm(x.astype(mx.float32), w.swapaxes(-1, -2).astype(mx.float32),
-                               rhs_indices=experts, sorted_indices=sorted_indices)
-            return out.astype(self.dtype)
-        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=experts, sorted_indices=sorted_indices)
+        out = mx.gather_mm(x.astype(w.dtype), w.swapaxes(-1, -2), rhs_indices=experts,
+                           sorted_indices=sorted_indices)
+        return out.astype(x.dtype)
 
     def expert_linear(self, x: mx.array, w, ids: mx.array) -> mx.array:
         T, k = ids.shape
