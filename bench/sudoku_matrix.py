@@ -74,11 +74,13 @@ def timed_evaluation(path: Path, backend: str, puzzles: int, difficulty: str,
 
 def row(weights: str, backend: str, ev: sd.Evaluation, seconds: float, fp32: sd.Evaluation | None) -> str:
     """One markdown table row; the last column is the change in solve rate against fp32 numpy."""
-    delta = "" if fp32 is None else f"{100 * (ev.solve_rate - fp32.solve_rate):+.1f}"
-    quant = weights.split()[-1]
-    if fp32 is not None and quant in TOLERANCE:
-        ok = abs(100 * (ev.solve_rate - fp32.solve_rate)) <= TOLERANCE[quant]
-        delta += f" ({'within' if ok else 'outside'} {TOLERANCE[quant]:g})"
+    delta = ""
+    if fp32 is not None:
+        points = 100 * (ev.solve_rate - fp32.solve_rate)
+        delta = f"{points:+.1f}"
+        bound = TOLERANCE.get(weights.split()[-1])
+        if bound is not None:
+            delta += f" ({'within' if abs(points) <= bound else 'outside'} {bound:g})"
     return (f"| {weights} | {backend} | {ev.puzzles} | {100 * ev.solve_rate:.1f}% | {100 * ev.cells_correct:.1f}% | "
             f"{ev.mean_steps:.2f} | {delta} | {1000 * seconds / ev.puzzles:.0f} |")
 
@@ -122,9 +124,10 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     fp32 = VARIANTS[0][:2]
+    installed = {backend: available(backend) for _, backend, _ in VARIANTS}
     table, extra = [], []           # (weights, backend, path, puzzles, difficulty)
     for weights, backend, conversion in VARIANTS:
-        if not available(backend):
+        if not installed[backend]:
             print(f"skip {weights} on {backend}: backend not installed", file=sys.stderr)
             continue
         path = args.model if conversion is None else converted(args.model, workdir, *conversion)
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         print(f"{weights} on {backend}: {ev.summary()}", file=sys.stderr, flush=True)
         lines.append(row(weights, backend, ev, seconds, None if job[:2] == fp32 else reference[ev.puzzles]))
     lines += [f"| {weights} | {backend} | not installed here | | | | | |"
-              for weights, backend, _ in VARIANTS if not available(backend)]
+              for weights, backend, _ in VARIANTS if not installed[backend]]
     lines += ["", "## Harder puzzles (fp32, numpy; the model was trained on easy ones only)", "",
               "| difficulty | givens | puzzles | solved | blank cells right | mean steps |",
               "|---|---|---|---|---|---|"]
@@ -151,12 +154,12 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
         low, high = sd.DIFFICULTY[difficulty]
         lines.append(f"| {difficulty} | {low}-{high} | {ev.puzzles} | {100 * ev.solve_rate:.1f}% | "
                      f"{100 * ev.cells_correct:.1f}% | {ev.mean_steps:.2f} |")
-    return [*lines, "", *compare_section(args)]
+    return [*lines, "", *compare_section(args, installed["torch"])]
 
 
-def compare_section(args: argparse.Namespace) -> list[str]:
+def compare_section(args: argparse.Namespace, have_torch: bool) -> list[str]:
     """transformers 5.23.0 against numpy, both deterministic, on the same puzzles."""
-    if not available("torch"):
+    if not have_torch:
         return ["## transformers reference", "", "Not run: torch is not installed here."]
     pairs = sd.test_set(args.compare_puzzles)
     model = load(args.model, backend="numpy")

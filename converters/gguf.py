@@ -197,8 +197,9 @@ def model_metadata(cfg: DiffusionGemmaConfig, gen: GenerationConfig, name: str,
         Keys.EB_STABILITY_THRESHOLD: ("UINT32", gen.stability_threshold),
         Keys.EB_CONFIDENCE_THRESHOLD: ("FLOAT32", gen.confidence_threshold),
         Keys.MAX_NEW_TOKENS: ("UINT32", gen.max_new_tokens),
-        Keys.EOS_IDS: ("ARRAY:INT32", list(gen.eos_token_id or [])),
-    }.items() if key != Keys.EOS_IDS or val[1]}
+    }.items()}
+    if gen.eos_token_id:
+        k[Keys.EOS_IDS] = ("ARRAY:INT32", list(gen.eos_token_id))
     return {key.format(arch=ARCH): val for key, val in k.items()}
 
 
