@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[str]:
     lines = [
         "# Sudoku: the bundled model on every backend and quantization", "",
         f"Written by `bench/sudoku_matrix.py` on {datetime.now(timezone.utc):%Y-%m-%d}.  Reproduce: "
-        f"`.venv/bin/python bench/sudoku_matrix.py {' '.join(sys.argv[1:])}`.", "",
+        f"`{' '.join(['.venv/bin/python', 'bench/sudoku_matrix.py', *sys.argv[1:]])}`.", "",
         f"The first {args.puzzles} puzzles of the held-out test set (easy: 40-50 givens), seed "
         f"{args.seed}, the checkpoint's released sampler settings: at most {gen.max_denoising_steps} "
         f"steps, entropy bound {gen.entropy_bound:g}, temperature {gen.t_max:g} -> {gen.t_min:g}, "
