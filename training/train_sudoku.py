@@ -192,6 +192,7 @@ def train(args) -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     log = open(args.out.with_suffix(".log"), "a", buffering=1)
 
     def say(msg: str) -> None:
