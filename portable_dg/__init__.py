@@ -6,9 +6,11 @@
     print(out.text)
 """
 
+from .engine import Engine, generate_batch
 from .errors import PortableDGError
 from .runtime import Context, Model, load
 from .sampler import GenerateOutput, generate
 
-__all__ = ["Context", "GenerateOutput", "Model", "PortableDGError", "generate", "load"]
+__all__ = ["Context", "Engine", "GenerateOutput", "Model", "PortableDGError", "generate", "generate_batch",
+           "load"]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ array is alive between steps (the self-conditioning input).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generator, Mapping, Sequence
 
 import numpy as np
 
@@ -116,11 +116,29 @@ class Pins:
         return (mask, ids) if mask.any() else None
 
 
+def drain(steps: Generator[None, None, Any]) -> Any:
+    """Run a step generator (`canvas_steps`, `sequence_steps`) to the end; return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def denoise_canvas(ctx: Context, cfg: GenerationConfig, canvas: np.ndarray, block: int,
                    noise: NoiseSource, sample: SampleFunction,
                    pins: tuple[np.ndarray, np.ndarray] | None,
                    on_step: Callable[[StepInfo], Any] | None) -> tuple[np.ndarray, int]:
     """Denoise one canvas; returns (committed argmax canvas [L], steps used)."""
+    return drain(canvas_steps(ctx, cfg, canvas, block, noise, sample, pins, on_step))
+
+
+def canvas_steps(ctx: Context, cfg: GenerationConfig, canvas: np.ndarray, block: int,
+                 noise: NoiseSource, sample: SampleFunction,
+                 pins: tuple[np.ndarray, np.ndarray] | None,
+                 on_step: Callable[[StepInfo], Any] | None
+                 ) -> Generator[None, None, tuple[np.ndarray, int]]:
+    """`denoise_canvas` one step at a time: yields after every denoising step."""
     B = ctx.model.backend
     L = len(canvas)
     if pins is not None:
@@ -162,25 +180,45 @@ def denoise_canvas(ctx: Context, cfg: GenerationConfig, canvas: np.ndarray, bloc
         if stop:
             break
         sc = scaled
+        yield
     return B.to_numpy(argmax).astype(np.int64), steps
 
 
-def generate(model: Model, prompt_ids: Sequence[int] | np.ndarray, *, max_new_tokens: int | None = None,
-             max_denoising_steps: int | None = None, entropy_bound: float | None = None,
-             t_min: float | None = None, t_max: float | None = None,
-             stability_threshold: int | None = None, confidence_threshold: float | None = None,
-             seed: int | None = None, noise: NoiseSource | None = None, greedy: bool = False,
-             sample: SampleFunction | None = None, start_canvas: Sequence[int] | None = None,
-             pinned: Mapping[int, int] | Sequence[int] | None = None,
-             on_step: Callable[[StepInfo], Any] | None = None) -> GenerateOutput:
+@dataclass
+class BlockInfo:
+    """What an `on_block` callback sees after each committed canvas."""
+
+    block: int                  # canvas index, from 0
+    ids: np.ndarray             # the committed canvas [L], pad after an EOS
+    finished: bool              # an EOS is in this canvas: generation ends with it
+
+
+def generate(model: Model, prompt_ids: Sequence[int] | np.ndarray, **options: Any) -> GenerateOutput:
     """Generate text after a prompt by block diffusion (transformers' `generate`, one sequence).
+
+    Options are those of `sequence_steps`."""
+    return drain(sequence_steps(model, prompt_ids, **options))
+
+
+def sequence_steps(model: Model, prompt_ids: Sequence[int] | np.ndarray, *, max_new_tokens: int | None = None,
+                   max_denoising_steps: int | None = None, entropy_bound: float | None = None,
+                   t_min: float | None = None, t_max: float | None = None,
+                   stability_threshold: int | None = None, confidence_threshold: float | None = None,
+                   seed: int | None = None, noise: NoiseSource | None = None, greedy: bool = False,
+                   sample: SampleFunction | None = None, start_canvas: Sequence[int] | None = None,
+                   pinned: Mapping[int, int] | Sequence[int] | None = None,
+                   on_step: Callable[[StepInfo], Any] | None = None,
+                   on_block: Callable[[BlockInfo], Any] | None = None
+                   ) -> Generator[None, None, GenerateOutput]:
+    """`generate`, one denoising step per `next()`; the options are validated before the first.
 
     None means the checkpoint's generation config.  `noise(n)` supplies n random token ids: once
     when each canvas starts and once after every denoising step (entry j is used at position j
     when it is not accepted).  `greedy` samples the argmax of the scaled logits; `sample` replaces
     categorical sampling altogether.  `start_canvas` is the first canvas's initial ids; `pinned`
     maps generated positions (0-based) to ids the sampler never changes (or lists positions whose
-    ids come from `start_canvas`).  `on_step(StepInfo)` is called after every step."""
+    ids come from `start_canvas`).  `on_step(StepInfo)` is called after every step and
+    `on_block(BlockInfo)` after every committed canvas."""
     cfg = resolve_config(model, dict(
         max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
         entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
@@ -206,7 +244,15 @@ def generate(model: Model, prompt_ids: Sequence[int] | np.ndarray, *, max_new_to
         sample = B.argmax if greedy else (
             lambda scaled: B.categorical(scaled, B.asarray(sample_rng.random(L, dtype=np.float32))))
     eos = set(cfg.eos_token_id or [])
+    return run_sequence(model, cfg, prompt, n_blocks, first_canvas, pins, noise, sample, eos, on_step, on_block)
 
+
+def run_sequence(model: Model, cfg: GenerationConfig, prompt: np.ndarray, n_blocks: int,
+                 first_canvas: np.ndarray | None, pins: Pins, noise: NoiseSource, sample: SampleFunction,
+                 eos: set[int], on_step: Callable[[StepInfo], Any] | None,
+                 on_block: Callable[[BlockInfo], Any] | None) -> Generator[None, None, GenerateOutput]:
+    """The block loop of `sequence_steps` (checked arguments), yielding between denoising steps."""
+    L = model.canvas_length
     ctx = model.start(prompt)
     blocks, steps = [], []
     finished = False
@@ -216,8 +262,8 @@ def generate(model: Model, prompt_ids: Sequence[int] | np.ndarray, *, max_new_to
         initial = np.asarray(noise(L), np.int64)
         if block == 0 and first_canvas is not None:
             initial = first_canvas
-        committed, used = denoise_canvas(ctx, cfg, initial, block, noise, sample,
-                                         pins.for_block(block, L), on_step)
+        committed, used = yield from canvas_steps(ctx, cfg, initial, block, noise, sample,
+                                                  pins.for_block(block, L), on_step)
         steps.append(used)
         eos_at = [j for j, t in enumerate(committed) if int(t) in eos]
         if eos_at:
@@ -225,8 +271,12 @@ def generate(model: Model, prompt_ids: Sequence[int] | np.ndarray, *, max_new_to
                 committed[eos_at[0] + 1:] = cfg.pad_token_id
             finished = True
         blocks.append(committed)
+        if on_block is not None:
+            on_block(BlockInfo(block, committed.copy(), finished))
         if finished:
             break
+        if block + 1 < n_blocks:
+            yield
     generated = np.concatenate(blocks)
     ids = generated.tolist()
     cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
