@@ -4,15 +4,17 @@
     .venv/bin/python bench/torch_gpu.py --tiny                               # smoke run on CPU
 
 Settings of the vLLM H100 benchmark: batch 1, a 4096-token prompt, 512 new tokens, 16 fixed
-denoising steps per canvas with early stop off (confidence threshold ~0, so no canvas stops).
+denoising steps per canvas with early stop off; --batch also runs more sequences at once.  Timing
+is `portable_dg.bench.timed_generation`: the engine's whole steps (decoder pass, sampling,
+acceptance, stop), captured in CUDA graphs unless --no-graphs.
 Weights are random (`portable_dg.synth`) at the released model's shapes; a full 30-layer bf16 file
 (~50 GB) plus its FP8 copy does not fit a 64 GB disk, so --layers takes one or more layer counts
 and, given two or more, fits time = a + b * layers and extrapolates to 30 (labelled as such).
 
-Reported per variant: canvas tok/s (256 x canvases / time in the decoder), visible tok/s (new
-tokens / wall time including the prompt), time to first canvas, prefill tok/s and peak GPU memory.
-With --check the script first verifies, on the device, that the CUDA-graph step equals the eager
-step and that the FP8 kernels agree with the emulation.
+Reported per variant: canvas tok/s (batch x 256 x canvases / denoising time), visible tok/s,
+time to first canvas, prefill tok/s, ms per step and peak GPU memory.  With --check the script
+first verifies, on the device, that the CUDA-graph steps give the eager steps' output and that the
+FP8 kernels agree with the emulation.  (Written without a GPU to run it on: untested on a GPU.)
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import numpy as np
 import torch
 
 import portable_dg
-from portable_dg.backends.torch.graphs import use_cuda_graphs
+from portable_dg.bench import BenchSettings, canvases_for, run_metrics, timed_generation
 from portable_dg.converters.torch_fp8 import convert_fp8
 from portable_dg.synth import write_synthetic
 
-NO_EARLY_STOP = 1e-30   # confidence threshold: mean entropy never falls below it
+NO_EARLY_STOP = 1e-30   # confidence threshold: mean entropy never falls below it (transformers side)
 
 
 def checkpoints(workdir: Path, like: str, layers: int) -> dict[str, Path]:
@@ -49,52 +51,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class Timed:
-    """Wraps a model's encoder and decoder passes to time them (synchronising after each)."""
-
-    def __init__(self, network, device: str):
-        self.device, self.encode_s, self.denoise_s = device, [], []
-        self.encode, self.denoise = network.encode, network.denoise
-        network.encode, network.denoise = self.timed_encode, self.timed_denoise
-
-    def timed_encode(self, ids, cache):
-        start = time.perf_counter()
-        self.encode(ids, cache)
-        sync(self.device)
-        self.encode_s.append(time.perf_counter() - start)
-
-    def timed_denoise(self, canvas, cache, sc=None):
-        start = time.perf_counter()
-        logits = self.denoise(canvas, cache, sc)
-        sync(self.device)
-        self.denoise_s.append(time.perf_counter() - start)
-        return logits
-
-
-def run_ours(path: Path, device: str, dtype: str, graphs: bool, prompt: np.ndarray, new: int, steps: int) -> dict:
-    """One fixed-step generation on the torch backend -> measurements."""
-    model = portable_dg.load(path, backend="torch", device=device, dtype=dtype)
-    if graphs:
-        use_cuda_graphs(model)
-    settings = dict(max_new_tokens=new, max_denoising_steps=steps, confidence_threshold=NO_EARLY_STOP, seed=0)
-    portable_dg.generate(model, prompt[:64], **{**settings, "max_new_tokens": model.canvas_length})  # warm-up
+def run_ours(path: Path, device: str, dtype: str, graphs: bool, prompt: np.ndarray, new: int, steps: int,
+             batch: int) -> dict:
+    """One fixed-step generation of `batch` sequences on the torch backend -> measurements."""
+    model = portable_dg.load(path, backend="torch", device=device, dtype=dtype, graphs=graphs,
+                             max_context=len(prompt) + new)
+    L = model.canvas_length
+    warm = BenchSettings(prompt_len=64, new_tokens=L, steps=f"fixed:{steps}", batch=batch)
+    timed_generation(model, prompt[:64], warm, 1, seed=1)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    timed = Timed(model.network, device)
-    start = time.perf_counter()
-    out = portable_dg.generate(model, prompt, **settings)
-    wall = time.perf_counter() - start
-    return summary(out.steps, model.canvas_length, timed.encode_s, timed.denoise_s, wall, len(prompt), device)
-
-
-def summary(steps: list[int], L: int, encode_s: list[float], denoise_s: list[float], wall: float,
-            prompt_len: int, device: str) -> dict:
-    """The reported numbers of one run."""
-    first = encode_s[0] + sum(denoise_s[:steps[0]])
-    return {"canvases": len(steps), "steps": steps, "canvas_tok_s": L * len(steps) / sum(denoise_s),
-            "visible_tok_s": L * len(steps) / wall, "time_to_first_canvas_s": first,
-            "prefill_tok_s": prompt_len / encode_s[0], "step_ms": 1000 * sum(denoise_s) / len(denoise_s),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+    settings = BenchSettings(prompt_len=len(prompt), new_tokens=new, steps=f"fixed:{steps}", batch=batch)
+    run = timed_generation(model, prompt, settings, canvases_for(new, L), seed=0)
+    metrics = run_metrics(run, len(prompt), new, L, batch)
+    metrics["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return metrics
 
 
 def run_transformers(path: Path, device: str, prompt: np.ndarray, new: int, steps: int) -> dict:
@@ -120,30 +91,26 @@ def run_transformers(path: Path, device: str, prompt: np.ndarray, new: int, step
 
 
 def check(paths: dict[str, Path], device: str, prompt: np.ndarray) -> None:
-    """On the device: CUDA-graph step == eager step; FP8 kernels vs emulation (KL of the logits)."""
-    model = portable_dg.load(paths["bf16"], backend="torch", device=device, dtype="bfloat16")
-    V, L = model.config.vocab_size, model.canvas_length
-    canvas = (7 * np.arange(L) + 3) % V
-    ctx = model.start(prompt)
-    eager = [ctx.denoise(canvas)]
-    for _ in range(2):
-        eager.append(ctx.denoise(canvas, eager[-1]))
-    use_cuda_graphs(model)
-    graphed = [ctx.denoise(canvas)]
-    for _ in range(2):
-        graphed.append(ctx.denoise(canvas, graphed[-1]))
-    print("graph vs eager max |diff| per step:", [float(np.abs(a - b).max()) for a, b in zip(eager, graphed)])
+    """On the device: graphed steps == eager steps; FP8 kernels vs emulation (KL of the logits)."""
+    outputs = []
+    for graphs in (False, True):
+        model = portable_dg.load(paths["bf16"], backend="torch", device=device, dtype="bfloat16", graphs=graphs)
+        outputs.append(portable_dg.generate_batch(model, [prompt[:256], prompt[:300]], seed=[0, 1],
+                                                  max_new_tokens=2 * model.canvas_length, max_denoising_steps=8))
+    same = all(np.array_equal(a.sequences, b.sequences) and a.steps == b.steps for a, b in zip(*outputs))
+    print(f"graphed generation == eager generation: {same}")
     native = portable_dg.load(paths["fp8"], backend="torch", device=device, dtype="bfloat16")
     emulated = portable_dg.load(paths["fp8"], backend="torch", device=device, dtype="bfloat16")
-    emulated.backend.fp8_native = False
+    emulated.backend.fp8_native = emulated.backend.fp8_grouped_native = False
+    canvas = (7 * np.arange(native.canvas_length) + 3) % native.config.vocab_size
     a, b = native.start(prompt).denoise(canvas), emulated.start(prompt).denoise(canvas)
     la = a - a.max(-1, keepdims=True)
     la -= np.log(np.exp(la).sum(-1, keepdims=True))
     lb = b - b.max(-1, keepdims=True)
     lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
     kl = float((np.exp(lb) * (lb - la)).sum(-1).mean())
-    print(f"fp8 native={native.backend.fp8_native} vs emulation: mean KL {kl:.2e}, "
-          f"top-1 {float((a.argmax(-1) == b.argmax(-1)).mean()):.3f}")
+    print(f"fp8 native={native.backend.fp8_native}/{native.backend.fp8_grouped_native} vs emulation: "
+          f"mean KL {kl:.2e}, top-1 {float((a.argmax(-1) == b.argmax(-1)).mean()):.3f}")
 
 
 def extrapolate(per_layers: dict[int, dict], key: str, target: int = 30) -> float | None:
@@ -164,6 +131,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=4096)
     parser.add_argument("--new", type=int, default=512)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--batch", default="1,4", help="batch sizes, comma-separated")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precisions", default="bf16,fp8")
     parser.add_argument("--no-graphs", action="store_true", help="eager steps only")
@@ -186,8 +154,9 @@ def main() -> None:
             check(paths, args.device, prompt)
         for precision in args.precisions.split(","):
             dtype = "float32" if args.device == "cpu" and precision == "fp8" else "bfloat16"
-            results.setdefault(precision, {})[layers] = run_ours(
-                paths[precision], args.device, dtype, graphs, prompt, args.new, args.steps)
+            for batch in [int(b) for b in args.batch.split(",")]:
+                results.setdefault(f"{precision}-b{batch}", {})[layers] = run_ours(
+                    paths[precision], args.device, dtype, graphs, prompt, args.new, args.steps, batch)
         if not args.skip_transformers:
             results.setdefault("transformers-bf16", {})[layers] = run_transformers(
                 paths["bf16"], args.device, prompt, args.new, args.steps)

@@ -5,14 +5,19 @@ committed block into a KV cache, and a bidirectional *decoder* that denoises one
 placed after the cached context, reading the cache without writing it.  Every backend runs these
 lines; a backend only supplies ops and weight storage.
 
+A pass runs B sequences at once ([B, T] ids), each at its own positions over its own row of a
+`KVCache`.  Attention reads each sequence's context on its own (rows hold different lengths);
+everything else runs on the whole batch, flattened to [B*T, H] where an op wants tokens.
+
 Weights are addressed by their Hugging Face stored names (`model.decoder.*`, plus the encoder's own
 `model.encoder.language_model.layers.{i}.layer_scalar`); see `portable_dg.checkpoint`.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +27,10 @@ from portable_dg.config import SLIDING, DiffusionGemmaConfig, LayerGeometry
 
 DEC = "model.decoder."
 ENC_SCALAR = "model.encoder.language_model.layers.{i}.layer_scalar"
+# Full-attention cache slots are added in multiples of this many positions (one copy per growth).
+CACHE_CHUNK = 1024
+# Serial numbers of frames: what a captured step is keyed by (never an object's id()).
+FRAME_SERIALS = itertools.count()
 
 
 def rope_inv_freq(g: LayerGeometry) -> np.ndarray:
@@ -36,6 +45,13 @@ def rope_inv_freq(g: LayerGeometry) -> np.ndarray:
     return np.concatenate([rotated, np.zeros(d // 2 - n_rot, np.float32)])
 
 
+def rope_table(inv_freq: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [length, d] float32 of positions 0..length-1: theta = p * f, angle [theta, theta]."""
+    theta = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]      # [P, d/2]
+    angle = np.concatenate([theta, theta], axis=-1)                               # [P, d]
+    return np.cos(angle), np.sin(angle)
+
+
 def round_to_dtype(value: float, dtype: str) -> float:
     """A Python float rounded to a float dtype given by name (bfloat16 included: round to nearest even)."""
     if dtype == "bfloat16":
@@ -43,26 +59,127 @@ def round_to_dtype(value: float, dtype: str) -> float:
     return float(np.dtype(dtype).type(value))
 
 
-@dataclass
+def ring_runs(start: int, stop: int, size: int) -> list[tuple[int, int, int]]:
+    """Positions start..stop-1 (stop - start <= size) in a ring of `size` slots, as at most two
+    contiguous runs (first position, first slot, count)."""
+    runs, position = [], start
+    while position < stop:
+        slot = position % size
+        count = min(stop - position, size - slot)
+        runs.append((position, slot, count))
+        position += count
+    return runs
+
+
 class KVCache:
-    """Per-layer keys and values of the encoded context (post-norm, post-RoPE K; post-v_norm V).
+    """Keys and values of the encoded context of `rows` sequences, preallocated on the backend and
+    written in place by the encoder (post-norm, post-RoPE K; post-v_norm V).
 
-    Sliding layers keep only the last `sliding_window - 1` positions after every encoder call, as
-    transformers' DynamicCache does (spec §3.5); full layers keep everything."""
+    Full layers keep every position (slot = position) in `capacity` slots per row, grown by whole
+    `CACHE_CHUNK`s (one copy per growth, never per commit).  Sliding layers keep a ring of
+    `sliding_window - 1 + slack` slots (slot = position mod ring): the decoder reads the last
+    `sliding_window - 1` positions of a row, which is what transformers' DynamicCache keeps (spec
+    §3.5); the slack lets a row be cut back by up to `slack` positions (prefix reuse).  `lengths`
+    holds the positions encoded per row (host ints); `generation` changes whenever the buffers are
+    reallocated, so a captured step can tell its buffers are gone."""
 
-    keys: list[Any]
-    values: list[Any]
-    length: int = 0      # absolute positions encoded so far (P)
+    def __init__(self, backend: Backend, config: DiffusionGemmaConfig, rows: int, capacity: int = 0,
+                 slack: int | None = None):
+        self.backend, self.config, self.rows = backend, config, rows
+        self.window = config.sliding_window
+        self.slack = config.canvas_length if slack is None else slack
+        self.ring = config.sliding_window - 1 + self.slack
+        self.capacity = 0
+        self.lengths = np.zeros(rows, np.int64)
+        self.generation = 0
+        self.keys: list[Array] = [None] * config.num_hidden_layers
+        self.values: list[Array] = [None] * config.num_hidden_layers
+        for i, g in enumerate(config.layers):
+            if g.kind == SLIDING:
+                self.keys[i], self.values[i] = (backend.zeros((rows, self.ring, g.num_kv_heads, g.head_dim))
+                                                for _ in range(2))
+        self.reserve(capacity)
 
-    @classmethod
-    def empty(cls, n_layers: int) -> "KVCache":
-        """A cache with nothing encoded."""
-        return cls([None] * n_layers, [None] * n_layers)
+    def reserve(self, positions: int) -> None:
+        """Make room for `positions` positions per row on the full layers (grown in whole chunks)."""
+        if positions <= self.capacity:
+            return
+        capacity = -(-positions // CACHE_CHUNK) * CACHE_CHUNK
+        for i, g in enumerate(self.config.layers):
+            if g.kind == SLIDING:
+                continue
+            for store in (self.keys, self.values):
+                grown = self.backend.zeros((self.rows, capacity, g.num_kv_heads, g.head_dim))
+                if self.capacity:
+                    grown[:, :self.capacity] = store[i]
+                store[i] = grown
+        self.capacity = capacity
+        self.generation += 1
+
+    def truncate(self, row: int, length: int) -> bool:
+        """Cut a row back to its first `length` positions; False when the sliding rings no longer
+        hold the window before `length` (then the row must be encoded afresh)."""
+        current = int(self.lengths[row])
+        if length > current or current - length > self.slack:
+            return False
+        self.lengths[row] = length
+        return True
+
+    def write(self, i: int, row: int, start: int, k: Array, v: Array) -> None:
+        """Store k, v [T, nkv, d] of positions start..start+T-1 of one row in layer i."""
+        T = k.shape[0]
+        if self.config.layers[i].kind != SLIDING:
+            self.keys[i][row, start:start + T] = k
+            self.values[i][row, start:start + T] = v
+            return
+        keep = min(T, self.ring)                                      # older ones fall out of the ring
+        for position, slot, count in ring_runs(start + T - keep, start + T, self.ring):
+            offset = position - start
+            self.keys[i][row, slot:slot + count] = k[offset:offset + count]
+            self.values[i][row, slot:slot + count] = v[offset:offset + count]
+
+    def read(self, i: int, row: int, start: int, stop: int) -> tuple[Array, Array]:
+        """Keys and values [stop - start, nkv, d] of positions start..stop-1 of one row, in order."""
+        if self.config.layers[i].kind != SLIDING:
+            return self.keys[i][row, start:stop], self.values[i][row, start:stop]
+        runs = ring_runs(start, stop, self.ring)
+        if len(runs) <= 1:
+            slot, count = (runs[0][1], runs[0][2]) if runs else (0, 0)
+            return self.keys[i][row, slot:slot + count], self.values[i][row, slot:slot + count]
+        B = self.backend
+        return tuple(B.concat([store[i][row, slot:slot + count] for _, slot, count in runs], 0)
+                     for store in (self.keys, self.values))
+
+    def visible(self, i: int, length: int) -> int:
+        """How many of the last `length` cached positions a canvas query sees in layer i."""
+        return min(length, self.window - 1) if self.config.layers[i].kind == SLIDING else length
+
+
+@dataclass
+class ContextGroup:
+    """Batch members that read context of the same length in one layer, with that context stacked."""
+
+    members: list[int]          # batch indices, ascending
+    keys: Array                 # [G, S, nkv, d]
+    values: Array               # [G, S, nkv, d]
+
+
+@dataclass
+class Frame:
+    """Where the tokens of one pass sit: per batch member its cache row and positions, and the
+    rotary tables at those positions.  A decoder frame also holds, per layer, the context the
+    members read (grouped by length so that each group is one attention call), fixed for a canvas."""
+
+    rows: list[int]
+    positions: np.ndarray                       # [B, T] absolute positions (host)
+    rope: dict[bytes, tuple[Array, Array]]      # inv_freq bytes -> (cos, sin) [B, T, 1, d]
+    contexts: list[list[ContextGroup]] | None = None   # [layer] -> groups
+    serial: int = field(default_factory=lambda: next(FRAME_SERIALS))
 
 
 @dataclass
 class DiffusionGemma:
-    """The model: `encode` ids into a cache, `denoise` one canvas given the cache."""
+    """The model: `encode` ids into a cache, `denoise` canvases given the cache."""
 
     config: DiffusionGemmaConfig
     weights: Mapping[str, Any]
@@ -73,113 +190,194 @@ class DiffusionGemma:
         self.inv_freq = [rope_inv_freq(g) for g in self.config.layers]
         # sqrt(H) rounded to the compute dtype, as transformers casts it to the embedding dtype.
         self.embed_scale = round_to_dtype(self.config.embed_scale, self.backend.compute_dtype)
+        self.rope_tables: dict[bytes, tuple[Array, Array]] = {}
+        self.rope_length = 0
 
     def w(self, name: str) -> Any:
         return self.weights[DEC + name]
 
-    def make_cache(self) -> KVCache:
-        """An empty cache for one sequence."""
-        return KVCache.empty(self.config.num_hidden_layers)
+    def make_cache(self, rows: int = 1, capacity: int = 0) -> KVCache:
+        """An empty cache for `rows` sequences with room for `capacity` positions each."""
+        return KVCache(self.backend, self.config, rows, capacity)
+
+    # --- where a pass's tokens sit --------------------------------------------------------------
+    def frame(self, cache: KVCache, rows: Sequence[int], T: int, decoder: bool) -> Frame:
+        """The frame of a pass of T tokens per row placed after each row's cached positions."""
+        rows = list(rows)
+        positions = cache.lengths[rows][:, None] + np.arange(T)[None, :]            # [B, T]
+        if not decoder:
+            cache.reserve(int(positions.max()) + 1)
+        self.grow_rope(int(positions.max()) + 1)
+        index = self.backend.asarray(positions)
+        rope = {key: (cos[index][:, :, None, :], sin[index][:, :, None, :])          # [B, T, 1, d]
+                for key, (cos, sin) in self.rope_tables.items()}
+        contexts = None
+        if decoder:
+            contexts = [self.context_groups(cache, i, rows) for i in range(self.config.num_hidden_layers)]
+        return Frame(rows, positions, rope, contexts)
+
+    def context_groups(self, cache: KVCache, i: int, rows: list[int]) -> list[ContextGroup]:
+        """Layer i's context of each row (the positions a canvas query sees), grouped by length."""
+        B = self.backend
+        by_length: dict[int, list[int]] = {}
+        for b, row in enumerate(rows):
+            by_length.setdefault(cache.visible(i, int(cache.lengths[row])), []).append(b)
+        groups = []
+        for length, members in by_length.items():
+            reads = [cache.read(i, rows[b], int(cache.lengths[rows[b]]) - length, int(cache.lengths[rows[b]]))
+                     for b in members]
+            groups.append(ContextGroup(members, *(B.concat([r[j][None] for r in reads], 0) for j in (0, 1))))
+        return groups
+
+    def grow_rope(self, length: int) -> None:
+        """Rotary tables (computed on the host in float32, stored in the compute dtype) covering
+        positions 0..length-1, grown by doubling."""
+        if length <= self.rope_length:
+            return
+        self.rope_length = max(CACHE_CHUNK, 1 << (length - 1).bit_length())
+        for inv_freq in self.inv_freq:
+            cos, sin = rope_table(inv_freq, self.rope_length)
+            self.rope_tables[inv_freq.tobytes()] = (self.backend.asarray(cos, compute=True),
+                                                    self.backend.asarray(sin, compute=True))
 
     # --- building blocks ---------------------------------------------------------------------
     def norm(self, x: Array, name: str | None) -> Array:
         return self.backend.rms_norm(x, None if name is None else self.w(name), self.config.rms_norm_eps)
 
     def mlp(self, x: Array, prefix: str) -> Array:
-        """down(gelu_tanh(gate(x)) * up(x)); x [T, H] -> [T, H]."""
+        """down(gelu_tanh(gate(x)) * up(x)); x [..., H] -> [..., H]."""
         B = self.backend
         gate = B.linear(x, self.w(prefix + "gate_proj.weight"))
         up = B.linear(x, self.w(prefix + "up_proj.weight"))
         return B.linear(B.gelu_tanh(gate) * up, self.w(prefix + "down_proj.weight"))
 
     def router(self, x: Array, prefix: str) -> tuple[Array, Array]:
-        """Softmax over experts, top-k, renormalise, per-expert gain; x is the raw residual."""
+        """Softmax over experts, top-k, renormalise, per-expert gain; x [N, H] is the raw residual."""
         B, cfg = self.backend, self.config
         z = B.rms_norm(x, None, cfg.rms_norm_eps) * self.w(prefix + "router.scale") * cfg.hidden_size ** -0.5
-        probs = B.softmax(B.linear(z, self.w(prefix + "router.proj.weight")))        # [T, E]
-        weights, ids = B.top_k(probs, cfg.top_k_experts)                              # [T, k]
+        probs = B.softmax(B.linear(z, self.w(prefix + "router.proj.weight")))        # [N, E]
+        weights, ids = B.top_k(probs, cfg.top_k_experts)                              # [N, k]
         weights = weights / B.sum(weights, -1)[:, None]
         return weights * B.take(self.w(prefix + "router.per_expert_scale"), ids), ids
 
     def moe(self, x: Array, weights: Array, ids: Array, prefix: str) -> Array:
-        """Sum over the k selected experts of weight * down(gelu(gate(x)) * up(x)); -> [T, H]."""
+        """Sum over the k selected experts of weight * down(gelu(gate(x)) * up(x)); [N, H] -> [N, H]."""
         B, inter = self.backend, self.config.moe_intermediate_size
-        gate_up = B.expert_linear(x, self.w(prefix + "experts.gate_up_proj"), ids)  # [T, k, 2I]
-        hidden = B.gelu_tanh(gate_up[..., :inter]) * gate_up[..., inter:]           # [T, k, I]
-        out = B.expert_linear(hidden, self.w(prefix + "experts.down_proj"), ids)    # [T, k, H]
+        gate_up = B.expert_linear(x, self.w(prefix + "experts.gate_up_proj"), ids)  # [N, k, 2I]
+        hidden = B.gelu_tanh(gate_up[..., :inter]) * gate_up[..., inter:]           # [N, k, I]
+        out = B.expert_linear(hidden, self.w(prefix + "experts.down_proj"), ids)    # [N, k, H]
         return B.sum(out * weights[..., None], 1)
 
-    def attention(self, i: int, x: Array, positions: np.ndarray, cache: KVCache, encode: bool) -> Array:
-        """Self-attention of layer i over [cached context ; x]; the encoder also updates the cache."""
+    def attention(self, i: int, x: Array, frame: Frame, cache: KVCache) -> Array:
+        """Self-attention of layer i, x [B, T, H].  Encoder frames (no contexts) attend causally
+        over [cached context ; x] and write x's keys and values into the cache; decoder frames
+        attend over [context ; x] with no mask and write nothing."""
         B, cfg, g = self.backend, self.config, self.config.layers[i]
         p = f"layers.{i}.self_attn."
-        T, nq, d = x.shape[0], cfg.num_attention_heads, g.head_dim
-        q = B.linear(x, self.w(p + "q_proj.weight")).reshape(T, nq, d)
-        k_raw = B.linear(x, self.w(p + "k_proj.weight")).reshape(T, g.num_kv_heads, d)
-        v = (B.linear(x, self.w(p + "v_proj.weight")).reshape(T, g.num_kv_heads, d)
+        n, T, nq, d = x.shape[0], x.shape[1], cfg.num_attention_heads, g.head_dim
+        q = B.linear(x, self.w(p + "q_proj.weight")).reshape(n, T, nq, d)
+        k_raw = B.linear(x, self.w(p + "k_proj.weight")).reshape(n, T, g.num_kv_heads, d)
+        v = (B.linear(x, self.w(p + "v_proj.weight")).reshape(n, T, g.num_kv_heads, d)
              if g.has_v_proj else k_raw)                                # full layers: V = raw K
-        q = B.rope(self.norm(q, p + "q_norm.weight"), positions, self.inv_freq[i])
-        k = B.rope(self.norm(k_raw, p + "k_norm.weight"), positions, self.inv_freq[i])
+        cos, sin = frame.rope[self.inv_freq[i].tobytes()]
+        q = B.rope(self.norm(q, p + "q_norm.weight"), cos, sin)
+        k = B.rope(self.norm(k_raw, p + "k_norm.weight"), cos, sin)
         v = B.rms_norm(v, None, cfg.rms_norm_eps)
-        cached = cache.keys[i] is not None
-        keys = B.concat([cache.keys[i], k], 0) if cached else k          # [S, nkv, d]
-        values = B.concat([cache.values[i], v], 0) if cached else v
-        sliding = g.kind == SLIDING
-        if encode:
-            shift = keys.shape[0] - T
-            out = B.attention(q, keys, values, causal_shift=shift,
-                              window=cfg.sliding_window if sliding else None)
-            keep = cfg.sliding_window - 1 if sliding else keys.shape[0]
-            cache.keys[i], cache.values[i] = keys[-keep:], values[-keep:]
+        if frame.contexts is None:
+            out = B.concat([self.encoder_attention(i, row, q[b:b + 1], k[b:b + 1], v[b:b + 1], cache)
+                            for b, row in enumerate(frame.rows)], 0)                 # [B, T, nq, d]
         else:
-            out = B.attention(q, keys, values, causal_shift=None, window=None)
-        return B.linear(out.reshape(T, nq * d), self.w(p + "o_proj.weight"))
+            out = self.decoder_attention(q, k, v, frame.contexts[i])
+        return B.linear(out.reshape(n, T, nq * d), self.w(p + "o_proj.weight"))
 
-    def layer(self, i: int, x: Array, positions: np.ndarray, cache: KVCache, encode: bool) -> Array:
-        """One transformer layer (spec §3.3); x [T, H] -> [T, H]."""
+    def decoder_attention(self, q: Array, k: Array, v: Array, groups: list[ContextGroup]) -> Array:
+        """Every canvas query sees its context and the whole canvas, no mask: q [B, T, nq, d],
+        k, v [B, T, nkv, d] -> [B, T, nq, d], one attention call per context group."""
+        B = self.backend
+        outs, order = [], []
+        for group in groups:
+            if len(groups) == 1:
+                qg, kg, vg = q, k, v
+            else:
+                index = B.asarray(np.array(group.members, np.int64))
+                qg, kg, vg = q[index], k[index], v[index]
+            outs.append(B.attention(qg, B.concat([group.keys, kg], 1), B.concat([group.values, vg], 1),
+                                    causal_shift=None, window=None))
+            order.extend(group.members)
+        if len(groups) == 1:
+            return outs[0]
+        inverse = np.argsort(np.array(order))                  # back from group order to batch order
+        return B.concat(outs, 0)[B.asarray(inverse)]
+
+    def encoder_attention(self, i: int, row: int, q: Array, k: Array, v: Array, cache: KVCache) -> Array:
+        """Causal attention of one row's new tokens q, k, v [1, T, n, d] over its cached positions and
+        themselves (within the window on sliding layers); then k, v are written into the cache."""
+        B, cfg = self.backend, self.config
+        start = int(cache.lengths[row])
+        if cfg.layers[i].kind != SLIDING:            # write first, then read the row in place
+            cache.write(i, row, start, k[0], v[0])
+            keys, values = cache.read(i, row, 0, start + k.shape[1])
+            return B.attention(q, keys[None], values[None], causal_shift=start, window=None)
+        seen = cache.visible(i, start)               # cached positions the first new query can see
+        keys, values = cache.read(i, row, start - seen, start)
+        out = B.attention(q, B.concat([keys[None], k], 1), B.concat([values[None], v], 1), causal_shift=seen,
+                          window=cfg.sliding_window)
+        cache.write(i, row, start, k[0], v[0])       # after reading: the new tokens may overwrite the ring
+        return out
+
+    def layer(self, i: int, x: Array, frame: Frame, cache: KVCache) -> Array:
+        """One transformer layer (spec §3.3); x [B, T, H] -> [B, T, H]."""
         p = f"layers.{i}."
-        attn = self.attention(i, self.norm(x, p + "input_layernorm.weight"), positions, cache, encode)
-        x = x + self.norm(attn, p + "post_attention_layernorm.weight")
+        n, T, H = x.shape
+        attn = self.attention(i, self.norm(x, p + "input_layernorm.weight"), frame, cache)
+        x = (x + self.norm(attn, p + "post_attention_layernorm.weight")).reshape(n * T, H)   # tokens [N, H]
         dense = self.norm(self.mlp(self.norm(x, p + "pre_feedforward_layernorm.weight"), p + "mlp."),
                           p + "post_feedforward_layernorm_1.weight")
         weights, ids = self.router(x, p)
         experts = self.norm(self.moe(self.norm(x, p + "pre_feedforward_layernorm_2.weight"), weights, ids, p),
                             p + "post_feedforward_layernorm_2.weight")
         x = x + self.norm(dense + experts, p + "post_feedforward_layernorm.weight")
-        scalar = self.weights[ENC_SCALAR.format(i=i)] if encode else self.w(p + "layer_scalar")
-        return x * scalar
+        scalar = self.weights[ENC_SCALAR.format(i=i)] if frame.contexts is None else self.w(p + "layer_scalar")
+        return (x * scalar).reshape(n, T, H)
 
     def embed(self, ids: Array) -> Array:
-        """E[ids] * sqrt(H); ids [T] -> [T, H]."""
+        """E[ids] * sqrt(H); ids [...] -> [..., H]."""
         return self.backend.embedding(self.w("embed_tokens.weight"), ids) * self.embed_scale
 
-    def self_conditioning(self, e: Array, sc_logits: Array | None) -> Array:
-        """Decoder input: rms(embed + SC-MLP(pre_norm(softmax(sc) @ E * sqrt(H)))) (spec §3.7)."""
+    def condition(self, scaled_logits: Array) -> Array:
+        """The self-conditioning soft embedding of the next step: softmax(scaled) @ E * sqrt(H)
+        (spec §3.7), [B, L, V] -> [B, L, H].  The next step's decoder takes it instead of the
+        logits, so no [B, L, V] array lives between steps."""
+        return self.backend.soft_embedding(scaled_logits, self.w("embed_tokens.weight")) * self.embed_scale
+
+    def self_conditioning(self, e: Array, soft: Array | None) -> Array:
+        """Decoder input: rms(embed + SC-MLP(pre_norm(soft))) (spec §3.7).  Without a soft
+        embedding (a canvas's first step) only the post-norm remains: pre_norm(0) = 0 and the
+        MLP has no biases, so zeros give the same result bit for bit."""
         B = self.backend
-        if sc_logits is None:  # soft embedding 0 -> pre_norm 0 -> MLP 0 (no biases): only the post-norm remains
+        if soft is None:
             return B.rms_norm(e, None, self.config.rms_norm_eps)
-        soft = B.soft_embedding(B.softmax(sc_logits), self.w("embed_tokens.weight")) * self.embed_scale
         signal = self.mlp(self.norm(soft, "self_conditioning.pre_norm.weight"), "self_conditioning.")
         return B.rms_norm(e + signal, None, self.config.rms_norm_eps)
 
     # --- the two passes --------------------------------------------------------------------
-    def encode(self, ids: np.ndarray, cache: KVCache) -> None:
-        """Causal pass over ids [T] at positions P..P+T-1, appending their K/V to the cache."""
-        B = self.backend
-        positions = np.arange(cache.length, cache.length + len(ids))
-        x = self.embed(B.asarray(np.asarray(ids, np.int64)))
+    def encode(self, ids: np.ndarray, cache: KVCache, rows: Sequence[int]) -> None:
+        """Causal pass over ids [B, T] (host), row b at positions lengths[rows[b]]..+T-1, appending
+        their keys and values to those cache rows."""
+        ids = np.asarray(ids, np.int64)
+        frame = self.frame(cache, rows, ids.shape[1], decoder=False)
+        x = self.embed(self.backend.asarray(ids))
         for i in range(self.config.num_hidden_layers):
-            x = self.layer(i, x, positions, cache, encode=True)
-        cache.length += len(ids)
+            x = self.layer(i, x, frame, cache)
+        cache.lengths[list(rows)] += ids.shape[1]
 
-    def denoise(self, canvas: Array, cache: KVCache, sc_logits: Array | None = None) -> Array:
-        """Bidirectional pass over one canvas [L] (device ids) after the cache -> logits [L, V] float32.
-
-        sc_logits: the previous step's temperature-scaled logits [L, V], or None on a first step."""
+    def denoise(self, canvas: Array, frame: Frame, soft: Array | None = None) -> Array:
+        """Bidirectional pass over canvases [B, L] (device ids) in a decoder frame -> float32 logits
+        [B, L, V], soft-capped.  soft: the self-conditioning input [B, L, H] (`condition` of the
+        previous step's scaled logits), None or zeros on a first step."""
         B = self.backend
-        positions = np.arange(cache.length, cache.length + canvas.shape[0])
-        x = self.self_conditioning(self.embed(canvas), sc_logits)
+        x = self.self_conditioning(self.embed(canvas), soft)
         for i in range(self.config.num_hidden_layers):
-            x = self.layer(i, x, positions, cache, encode=False)
+            x = self.layer(i, x, frame, None)
         logits = B.linear(self.norm(x, "norm.weight"), self.w("embed_tokens.weight"))
         return B.softcap(logits, self.config.final_logit_softcapping)

@@ -1,16 +1,17 @@
 """Benchmarks measured the same way on every backend, with transformers as the reference.
 
-One run generates `new_tokens` tokens after a seeded random prompt of `prompt_len` ids: the
-encoder pass over the prompt (prefill), then for each canvas the sampler's own denoising loop
-(`portable_dg.sampler.denoise_canvas`) and the commit of the block.  EOS never ends a run, so every
-run does the same work.  `steps="fixed:N"` runs exactly N denoising steps per canvas (early stop
-off: a stability threshold of N + 1 can never be met within N steps, on either side);
-`"adaptive"` uses the checkpoint's generation config.
+One run generates `new_tokens` tokens for each of `batch` sequences (the same seeded random prompt
+of `prompt_len` ids, each with its own seed) through the engine (`portable_dg.engine.Engine`): the
+encoder pass over the prompts (prefill), then the denoising steps of each canvas (the whole step:
+decoder pass, sampling, acceptance and the stop decision) and the commit of each block.  EOS never
+ends a run, so every run does the same work.  `steps="fixed:N"` runs exactly N denoising steps per
+canvas (early stop off: a stability threshold of N + 1 can never be met within N steps, on either
+side); `"adaptive"` uses the checkpoint's generation config.
 
 Metrics per run (reported as median, min and max over `repeat` runs after `warmup` runs):
 
-    visible_tok_s           new_tokens / wall time of the run (prefill and commits included)
-    canvas_tok_s            canvas_length * canvases / time spent denoising canvases
+    visible_tok_s           batch * new_tokens / wall time of the run (prefill and commits included)
+    canvas_tok_s            batch * canvas_length * canvases / time spent denoising canvases
     steps_per_canvas        denoising steps per canvas
     time_to_first_canvas_s  prefill + the first canvas's denoising
     prefill_tok_s           prompt_len / prefill time
@@ -71,9 +72,10 @@ class BenchSettings:
     repeat: int = 3
     warmup: int = 1
     seed: int = 0
+    batch: int = 1                   # sequences denoised together
 
     def __post_init__(self) -> None:
-        for name in ("prompt_len", "new_tokens", "repeat"):
+        for name in ("prompt_len", "new_tokens", "repeat", "batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -101,15 +103,16 @@ class RunTiming:
     wall_s: float
 
 
-def run_metrics(run: RunTiming, prompt_len: int, new_tokens: int, canvas_length: int) -> dict[str, float]:
+def run_metrics(run: RunTiming, prompt_len: int, new_tokens: int, canvas_length: int,
+                batch: int = 1) -> dict[str, float]:
     """The per-run metrics of the module docstring."""
     denoise_s = sum(run.canvas_s)
     return {
-        "visible_tok_s": new_tokens / run.wall_s,
-        "canvas_tok_s": canvas_length * len(run.canvas_s) / denoise_s,
+        "visible_tok_s": batch * new_tokens / run.wall_s,
+        "canvas_tok_s": batch * canvas_length * len(run.canvas_s) / denoise_s,
         "steps_per_canvas": sum(run.steps) / len(run.steps),
         "time_to_first_canvas_s": run.prefill_s + run.canvas_s[0],
-        "prefill_tok_s": prompt_len / run.prefill_s,
+        "prefill_tok_s": batch * prompt_len / run.prefill_s,
         "ms_per_step": 1000.0 * denoise_s / sum(run.steps),
     }
 
@@ -136,10 +139,14 @@ def canvases_for(new_tokens: int, canvas_length: int) -> int:
 
 def sampler_config(base: GenerationConfig, settings: BenchSettings) -> GenerationConfig:
     """The checkpoint's generation config, with fixed steps and early stop off when asked."""
+    overrides = sampler_overrides(settings)
+    return base.replace(**overrides) if overrides else base
+
+
+def sampler_overrides(settings: BenchSettings) -> dict[str, int]:
+    """`sampler_config`'s changes as generate options."""
     n = settings.fixed_steps
-    if n is None:
-        return base
-    return base.replace(max_denoising_steps=n, stability_threshold=n + 1)
+    return {} if n is None else {"max_denoising_steps": n, "stability_threshold": n + 1}
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -185,72 +192,104 @@ def checkpoint_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.suffix in (".safetensors", ".gguf"))
 
 
-def memory_report(peak_host: int, peak_device: int | None, weights: int, cfg: DiffusionGemmaConfig) -> dict:
-    """Peak memory against the target: checkpoint size + 10% + one [canvas, vocab] float32 logits."""
-    logits = cfg.canvas_length * cfg.vocab_size * 4
-    bound = int(weights * 1.1) + logits
+def memory_report(peak_host: int, peak_device: int | None, weights: int, cfg: DiffusionGemmaConfig,
+                  batch: int = 1) -> dict:
+    """Peak memory against the target: checkpoint size + 10% + two [batch, canvas, vocab] float32
+    arrays (the sampler's bound)."""
+    logits = batch * cfg.canvas_length * cfg.vocab_size * 4
+    bound = int(weights * 1.1) + 2 * logits
     return {"peak_host_bytes": peak_host, "peak_device_bytes": peak_device, "checkpoint_bytes": weights,
             "logits_bytes": logits, "bound_bytes": bound,
             "within_bound": max(peak_host, peak_device or 0) <= bound}
 
 
 # --- our runs --------------------------------------------------------------------------------
-def wait_for_cache(ctx: Any) -> None:
-    """Block until the encoder's work is done (asynchronous devices), by reading one cached key."""
-    backend = ctx.model.backend
-    backend.to_numpy(ctx.cache.keys[-1][-1:])
+class EncodeTimer:
+    """Times the encoder passes an engine makes (prefill and commits), waiting for the device."""
+
+    def __init__(self, engine: Any):
+        self.encode = engine.network.encode
+        self.backend, self.cache = engine.backend, engine.cache
+        self.total = 0.0
+        engine.network = Proxy(engine.network, encode=self.timed)
+
+    def timed(self, ids: Any, cache: Any, rows: list[int]) -> None:
+        start = perf_counter()
+        self.encode(ids, cache, rows)
+        self.wait()
+        self.total += perf_counter() - start
+
+    def wait(self) -> None:
+        """Block until the device has done the queued work (asynchronous devices), by reading one
+        cached key the last encoder pass wrote."""
+        self.backend.to_numpy(self.cache.keys[-1][:1, :1])
 
 
-def timed_generation(model: Any, prompt: np.ndarray, cfg: GenerationConfig, n_canvases: int,
-                     seed: int) -> RunTiming:
-    """One generation run, timed at the prefill / canvas / commit boundaries.
+class Proxy:
+    """An object's attributes, some replaced."""
 
-    The denoising is the sampler's own loop; EOS is not checked, so every run does n_canvases."""
-    from .sampler import default_noise, denoise_canvas
+    def __init__(self, target: Any, **replaced: Any):
+        self.target, self.replaced = target, replaced
 
-    B, L, V = model.backend, model.canvas_length, model.config.vocab_size
-    noise_rng, sample_rng = np.random.default_rng(seed).spawn(2)
-    noise = default_noise(V, noise_rng)
+    def __getattr__(self, name: str) -> Any:
+        return self.replaced[name] if name in self.replaced else getattr(self.target, name)
 
-    def sample(scaled: Any) -> Any:
-        return B.categorical(scaled, B.asarray(sample_rng.random(L, dtype=np.float32)))
 
+def timed_generation(model: Any, prompt: np.ndarray, settings: BenchSettings, n_canvases: int, seed: int,
+                     progress: Callable[[str], None] | None = None) -> RunTiming:
+    """One generation run of `settings.batch` sequences, timed at the prefill / canvas / commit
+    boundaries (commits are not canvas time).  EOS is not checked, so every run does n_canvases."""
+    from .engine import Engine
+
+    L = model.canvas_length
+    engine = Engine(model, max_batch=settings.batch)
+    timer = EncodeTimer(engine)
+    sequences = [engine.submit(prompt, seed=seed * 1_000_003 + b, eos_token_id=[], max_new_tokens=n_canvases * L,
+                               **sampler_overrides(settings)) for b in range(settings.batch)]
     start = perf_counter()
-    ctx = model.start(prompt)
-    wait_for_cache(ctx)
+    engine.admit()
+    timer.wait()
     prefill = perf_counter() - start
-    canvas_s, steps, block_ids = [], [], None
-    for block in range(n_canvases):
-        if block:
-            ctx.commit(block_ids)
-            wait_for_cache(ctx)
-        t = perf_counter()
-        block_ids, used = denoise_canvas(ctx, cfg, noise(L), block, noise, sample, None, None)
-        canvas_s.append(perf_counter() - t)
-        steps.append(used)
+    canvas_s, steps = [], []
+    canvas_start, commits_before, steps_in_canvas = perf_counter(), timer.total, 0
+    while engine.active:
+        engine.step()
+        steps_in_canvas += 1
+        if min(len(s.blocks) for s in sequences) > len(canvas_s):          # every sequence ended this canvas
+            now = perf_counter()
+            canvas_s.append(now - canvas_start - (timer.total - commits_before))
+            steps.append(steps_in_canvas)
+            canvas_start, commits_before, steps_in_canvas = now, timer.total, 0
+        if progress is not None:
+            progress(f"canvas {len(canvas_s) + (steps_in_canvas > 0)}/{n_canvases} step {steps_in_canvas}")
     return RunTiming(prefill, canvas_s, steps, perf_counter() - start)
 
 
-def repeated(run_once: Callable[[int], RunTiming], settings: BenchSettings, prompt_len: int,
-             canvas_length: int, progress: bool) -> list[dict[str, float]]:
-    """Warm-up runs (discarded), then `repeat` measured runs -> their metrics."""
+def repeated(run_once: Callable[[int, Callable[[str], None] | None], RunTiming], settings: BenchSettings,
+             prompt_len: int, canvas_length: int, progress: bool) -> list[dict[str, float]]:
+    """Warm-up runs (discarded), then `repeat` measured runs -> their metrics.  With `progress`,
+    every step is reported on stderr (redrawn in place on a terminal, a line each otherwise)."""
     total = settings.warmup + settings.repeat
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr)
     runs = []
-    try:
-        for i in range(total):
-            timing = run_once(settings.seed + i)
-            if i >= settings.warmup:
-                runs.append(run_metrics(timing, prompt_len, settings.new_tokens, canvas_length))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    for i in range(total):
+        label = f"bench: {'warm-up' if i < settings.warmup else 'run'} {i + 1}/{total}"
+        timing = run_once(settings.seed + i, step_reporter(label) if progress else None)
+        if i >= settings.warmup:
+            runs.append(run_metrics(timing, prompt_len, settings.new_tokens, canvas_length, settings.batch))
+    if progress and sys.stderr.isatty():
+        sys.stderr.write("\n")
     return runs
+
+
+def step_reporter(label: str) -> Callable[[str], None]:
+    """A progress callback writing `label` and the step to stderr."""
+    def report(where: str) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\r\x1b[2K{label}: {where}")
+        else:
+            sys.stderr.write(f"{label}: {where}\n")
+        sys.stderr.flush()
+    return report
 
 
 @dataclass
@@ -318,9 +357,9 @@ def bench_loaded(path: Path, backend: str, quant: str | None, settings: BenchSet
     prompt = seeded_prompt(cfg.vocab_size, settings.prompt_len, settings.seed)
     gen = sampler_config(model.generation_config, settings)
     n_canvases = canvases_for(settings.new_tokens, cfg.canvas_length)
-    runs = repeated(lambda seed: timed_generation(model, prompt, gen, n_canvases, seed),
+    runs = repeated(lambda seed, report: timed_generation(model, prompt, settings, n_canvases, seed, report),
                     settings, settings.prompt_len, cfg.canvas_length, progress)
-    memory = memory_report(peak_rss_bytes(), device_peak_bytes(), checkpoint_bytes(path), cfg)
+    memory = memory_report(peak_rss_bytes(), device_peak_bytes(), checkpoint_bytes(path), cfg, settings.batch)
     return BenchReport(str(path), model.backend.name, quant, bool(model.source.metadata.get("synthetic")),
                        {**asdict(settings), "canvas_length": cfg.canvas_length,
                         "canvases": n_canvases, "max_denoising_steps": gen.max_denoising_steps},
@@ -373,7 +412,8 @@ def transformers_reference(model_path: str, settings: BenchSettings) -> dict[str
     kwargs: dict[str, Any] = {"max_new_tokens": settings.new_tokens}
     if settings.fixed_steps is not None:
         kwargs.update(max_denoising_steps=settings.fixed_steps, stability_threshold=settings.fixed_steps + 1)
-    prompt = torch.tensor(seeded_prompt(cfg.vocab_size, settings.prompt_len, settings.seed)[None], device=device)
+    prompt = torch.tensor(np.tile(seeded_prompt(cfg.vocab_size, settings.prompt_len, settings.seed),
+                                  (settings.batch, 1)), device=device)
     clock = (lambda: (torch.cuda.synchronize(), perf_counter())[1]) if cuda else perf_counter
     events: list[tuple[str, float]] = []
     model.model.encoder.register_forward_pre_hook(lambda *a: events.append(("enc", clock())))
@@ -396,8 +436,9 @@ def transformers_reference(model_path: str, settings: BenchSettings) -> dict[str
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    runs = repeated(run_once, settings, settings.prompt_len, L, progress=False)
-    memory = memory_report(peak_rss_bytes(), device_peak_bytes(), checkpoint_bytes(model_path), cfg)
+    runs = repeated(lambda seed, report: run_once(seed), settings, settings.prompt_len, L, progress=False)
+    memory = memory_report(peak_rss_bytes(), device_peak_bytes(), checkpoint_bytes(model_path), cfg,
+                           settings.batch)
     return {"implementation": f"transformers {__import__('transformers').__version__}",
             "device": device, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "load_s": load_s, "metrics": summarize_runs(runs), "runs": runs, "memory": memory}
@@ -483,8 +524,8 @@ def format_table(report: dict[str, Any]) -> str:
         dev = "".join(f" {human_bytes(col['memory']['peak_device_bytes'] or 0):>34}" for _, col in columns)
         lines.append(f"{'peak_device_memory':<24}{dev}")
     s = report["settings"]
-    lines.append(f"settings: prompt {s['prompt_len']}, new tokens {s['new_tokens']}, steps {s['steps']}, "
-                 f"{s['warmup']} warm-up + {s['repeat']} runs; median [min..max]")
+    lines.append(f"settings: batch {s.get('batch', 1)}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, "
+                 f"steps {s['steps']}, {s['warmup']} warm-up + {s['repeat']} runs; median [min..max]")
     if report.get("ratio"):
         r = report["ratio"]
         lines.append(f"ratio vs transformers: canvas tok/s {r['canvas_tok_s']:.2f}x, "

@@ -1,8 +1,8 @@
 """Quality of a model (converted, quantized, another backend) against a reference model.
 
-Teacher-forced: for a fixed seeded set of prompts, the reference runs the sampler's own denoising
-loop (`portable_dg.sampler.denoise_canvas`); every decoder call it makes, with its canvas and its
-self-conditioning logits, is replayed on the model under test.  Per canvas position we compare the
+Teacher-forced: for a fixed seeded set of prompts, the reference generates through the engine
+(`portable_dg.engine.Engine`, the sampler's own steps); every decoder call it makes, with its canvas
+and its self-conditioning logits, is replayed on the model under test.  Per canvas position we compare the
 two distributions softmax(logits) (temperature 1, after soft-capping):
 
     kl              KL(reference || model) in nats: mean, p99 and max over all positions and steps
@@ -74,31 +74,6 @@ def kl_summary(values: np.ndarray) -> dict[str, float]:
             "max": float(np.max(values))}
 
 
-class TeacherForcedContext:
-    """Stands in for the reference's `Context` in the sampler: each decoder call also runs on the
-    model under test with the same canvas and self-conditioning, and the two are compared."""
-
-    def __init__(self, reference_ctx: Any, model_ctx: Any):
-        self.reference_ctx, self.model_ctx = reference_ctx, model_ctx
-        self.model = reference_ctx.model             # the sampler reads ctx.model.backend
-        self.kl: list[np.ndarray] = []
-        self.matches: list[np.ndarray] = []
-
-    def denoise_device(self, canvas: Any, self_conditioning: Any | None = None) -> Any:
-        ref_backend = self.model.backend
-        logits = self.reference_ctx.denoise_device(canvas, self_conditioning)
-        reference = np.asarray(ref_backend.to_numpy(logits), np.float32)
-        sc = None if self_conditioning is None else np.asarray(ref_backend.to_numpy(self_conditioning), np.float32)
-        other = self.model_ctx.denoise(ref_backend.to_numpy(canvas).astype(np.int64), sc)
-        self.kl.append(kl_divergence(reference, other))
-        self.matches.append(top1_matches(reference, other))
-        return logits
-
-    def commit(self, block_ids: np.ndarray) -> None:
-        self.reference_ctx.commit(block_ids)
-        self.model_ctx.commit(block_ids)
-
-
 def check_comparable(model: Any, reference: Any) -> None:
     """Raise ConfigError unless the two models share vocabulary, canvas length and shape."""
     for name in COMPARABLE:
@@ -115,29 +90,73 @@ def prompts_for(settings: EvalSettings, vocab_size: int) -> list[np.ndarray]:
             for _ in range(settings.prompts)]
 
 
+class TeacherForcedNetwork:
+    """Stands in for the reference's network in the engine: each encoder pass and decoder call
+    also runs on the model under test with the same ids, canvas and self-conditioning logits, and
+    the two decoders' logits are compared.  Its `condition` keeps the scaled logits themselves (the
+    model under test makes its own soft embedding from them), so it runs one sequence at a time."""
+
+    def __init__(self, reference: Any, model: Any):
+        self.reference, self.model = reference.network, model.network
+        self.backend, self.config = self.reference.backend, self.reference.config
+        self.model_cache: Any = None
+        self.kl: list[np.ndarray] = []
+        self.matches: list[np.ndarray] = []
+
+    def make_cache(self, rows: int, capacity: int) -> Any:
+        self.model_cache = self.model.make_cache(rows, capacity)
+        return self.reference.make_cache(rows, capacity)
+
+    def encode(self, ids: np.ndarray, cache: Any, rows: list[int]) -> None:
+        self.model_cache.lengths[:] = cache.lengths          # rows are reused and cut back alike
+        self.reference.encode(ids, cache, rows)
+        self.model.encode(ids, self.model_cache, rows)
+
+    def frame(self, cache: Any, rows: list[int], T: int, decoder: bool) -> Any:
+        return PairedFrame(self.reference.frame(cache, rows, T, decoder),
+                           self.model.frame(self.model_cache, rows, T, decoder))
+
+    def condition(self, scaled: Any) -> Any:
+        return scaled
+
+    def denoise(self, canvas: Any, frame: "PairedFrame", sc_logits: Any | None = None) -> Any:
+        ours, theirs = self.reference, self.model
+        logits = ours.denoise(canvas, frame.reference, None if sc_logits is None else ours.condition(sc_logits))
+        reference = np.asarray(ours.backend.to_numpy(logits), np.float32)
+        B = theirs.backend
+        soft = None if sc_logits is None else theirs.condition(B.asarray(ours.backend.to_numpy(sc_logits)))
+        other = B.to_numpy(theirs.denoise(B.asarray(ours.backend.to_numpy(canvas)), frame.model, soft))
+        for a, b in zip(reference, np.asarray(other, np.float32)):             # per sequence [L, V]
+            self.kl.append(kl_divergence(a, b))
+            self.matches.append(top1_matches(a, b))
+        return logits
+
+
+@dataclass
+class PairedFrame:
+    """The reference's and the tested model's frames of one pass."""
+
+    reference: Any
+    model: Any
+
+    @property
+    def serial(self) -> int:
+        return self.reference.serial
+
+
 def teacher_forced(model: Any, reference: Any, prompts: list[np.ndarray], settings: EvalSettings
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Per-position KL values and top-1 matches over every denoising step of every canvas."""
-    from .sampler import default_noise, denoise_canvas
+    from .engine import Engine
 
-    cfg = reference.generation_config.replace(max_denoising_steps=settings.steps)
-    B, L, V = reference.backend, reference.canvas_length, reference.config.vocab_size
-    kl, matches = [], []
+    L = reference.canvas_length
+    network = TeacherForcedNetwork(reference, model)
+    engine = Engine(reference, max_batch=1, network=network)
     for i, prompt in enumerate(prompts):
-        ctx = TeacherForcedContext(reference.start(prompt), model.start(prompt))
-        noise_rng, sample_rng = np.random.default_rng([settings.seed, i]).spawn(2)
-        noise = default_noise(V, noise_rng)
-
-        def sample(scaled: Any) -> Any:
-            return B.categorical(scaled, B.asarray(sample_rng.random(L, dtype=np.float32)))
-
-        for block in range(settings.canvases):
-            committed, _ = denoise_canvas(ctx, cfg, noise(L), block, noise, sample, None, None)
-            if block + 1 < settings.canvases:
-                ctx.commit(committed)
-        kl.extend(ctx.kl)
-        matches.extend(ctx.matches)
-    return np.concatenate(kl), np.concatenate(matches)
+        engine.submit(prompt, seed=settings.seed * 1_000_003 + i, eos_token_id=[],
+                      max_new_tokens=settings.canvases * L, max_denoising_steps=settings.steps)
+    engine.run()
+    return np.concatenate(network.kl), np.concatenate(network.matches)
 
 
 def adaptive_steps(model: Any, prompts: list[np.ndarray], settings: EvalSettings) -> float:

@@ -4,6 +4,8 @@
     ctx = model.start(prompt_ids)              # encoder pass over the prompt
     logits = ctx.denoise(canvas_ids)           # [L, V] float32, soft-capped
     ctx.commit(block_ids)                      # encoder pass over a finished block
+
+A Context is one sequence over a one-row KV cache; `portable_dg.engine.Engine` runs many at once.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from .tokenizer import Tokenizer
 class Model:
     """A loaded model: the network on a backend, its tokenizer and its generation defaults."""
 
-    def __init__(self, source: ModelSource, backend: Backend):
+    def __init__(self, source: ModelSource, backend: Backend, max_context: int = 0):
         self.source = source
         self.backend = backend
+        self.max_context = max_context      # KV cache positions preallocated per sequence
         self.config: DiffusionGemmaConfig = source.config
         self.generation_config: GenerationConfig = source.generation
         self.tokenizer: Tokenizer | None = source.tokenizer
@@ -44,8 +47,8 @@ class Model:
         if len(ids) == 0:
             raise ConfigError("prompt_ids is empty: the encoder needs at least one token")
         self.check_positions(0, len(ids), "prompt_ids")
-        ctx = Context(self, self.network.make_cache())
-        self.network.encode(ids, ctx.cache)
+        ctx = Context(self, self.network.make_cache(1, max(self.max_context, len(ids))))
+        self.network.encode(ids[None], ctx.cache, [0])
         return ctx
 
     def check_positions(self, start: int, count: int, what: str) -> None:
@@ -70,7 +73,7 @@ class Model:
 
 
 class Context:
-    """The encoded context of one sequence (its KV cache) and the passes that use it."""
+    """The encoded context of one sequence (row 0 of a KV cache) and the passes that use it."""
 
     def __init__(self, model: Model, cache: KVCache):
         self.model = model
@@ -79,11 +82,15 @@ class Context:
     @property
     def length(self) -> int:
         """Tokens encoded so far (the position of the next canvas's first token)."""
-        return self.cache.length
+        return int(self.cache.lengths[0])
 
     def denoise_device(self, canvas: Array, self_conditioning: Array | None = None) -> Array:
-        """`denoise` on backend arrays: canvas [L] ids on the device -> logits [L, V] on the device."""
-        return self.model.network.denoise(canvas, self.cache, self_conditioning)
+        """`denoise` on backend arrays: canvas [L] ids -> logits [L, V]; self_conditioning: the
+        previous step's temperature-scaled logits [L, V] on the device, or None."""
+        network = self.model.network
+        frame = network.frame(self.cache, [0], canvas.shape[0], decoder=True)
+        soft = None if self_conditioning is None else network.condition(self_conditioning[None])
+        return network.denoise(canvas[None], frame, soft)[0]
 
     def denoise(self, canvas_ids: Sequence[int] | np.ndarray,
                 self_conditioning: np.ndarray | None = None) -> np.ndarray:
@@ -107,16 +114,20 @@ class Context:
         """Encoder pass over a finished block at the next positions (appends it to the cache)."""
         ids = self.model.check_ids(block_ids, "block_ids")
         self.model.check_positions(self.length, len(ids), "block_ids")
-        self.model.network.encode(ids, self.cache)
+        self.model.network.encode(ids[None], self.cache, [0])
 
 
-def load(path_or_repo_id: str | Path, backend: str | Backend = "numpy", **backend_options: Any) -> Model:
+def load(path_or_repo_id: str | Path, backend: str | Backend = "numpy", max_context: int = 0,
+         **backend_options: Any) -> Model:
     """Load a checkpoint (HF directory, GGUF file, MLX directory or hub repo id) onto a backend.
 
     backend: a name ("numpy", "mlx", "ggml", "torch") or a Backend instance; backend_options go
-    to the backend's factory (e.g. dtype="float64" for numpy, device="cuda" for torch)."""
+    to the backend's factory (e.g. dtype="float64" for numpy, device="cuda" for torch).
+    max_context: KV cache positions to preallocate per sequence (it grows in chunks beyond)."""
     from .backends import get_backend
 
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 0:
+        raise ConfigError(f"max_context must be a non-negative integer, got {max_context!r}")
     source = open_source(path_or_repo_id)
     instance = get_backend(backend, **backend_options) if isinstance(backend, str) else backend
-    return Model(source, instance)
+    return Model(source, instance, max_context)

@@ -7,25 +7,31 @@ entropy (excluding the largest) stays under the entropy bound, re-noises the res
 scaled logits back as self-conditioning.  A canvas stops early when its argmax is stable and its
 mean entropy is below the confidence threshold; its argmax is committed through the encoder.
 
-Everything per step stays on the backend's device; the stop decision is the one host read per
-step (plus the draft, only when an `on_step` callback asks for it).  At most one [L, V] logits
-array is alive between steps (the self-conditioning input).
+`denoise_step` is one step of a whole batch, each row with its own knobs, schedule, seed, pins and
+stop: a pure function of device arrays, which a backend may compile or capture.  Its random numbers
+come from a counter-based generator computed on the device (a hash of the row's seed, canvas, step
+and position), so a seed gives the same noise on every backend and whatever else is in the batch.
+The engine (`portable_dg.engine`) schedules sequences, encodes prompts and committed canvases, and
+reads each step's result back once.  Between steps a row keeps its canvas, its self-conditioning
+soft embedding [L, H] and its argmax history; no [L, V] array outlives a step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .backend import Array
 from .config import GenerationConfig
 from .errors import ConfigError
-from .runtime import Context, Model
 
 NoiseSource = Callable[[int], np.ndarray]          # n -> n token ids in [0, V)
-SampleFunction = Callable[[Array], Array]          # scaled logits [L, V] -> ids [L] (device)
+
+M32 = 0xFFFF_FFFF
+# Streams of the counter-based generator: each random quantity hashes its own stream id.
+INITIAL, UNIFORM, RENOISE = 1, 2, 3
 
 
 @dataclass
@@ -40,6 +46,15 @@ class StepInfo:
     accepted: int               # positions accepted (not re-noised) this step
     mean_entropy: float
     stopped: bool               # the canvas stops after this step
+
+
+@dataclass
+class BlockInfo:
+    """What an `on_block` callback sees after each committed canvas."""
+
+    block: int                  # canvas index, from 0
+    ids: np.ndarray             # the committed canvas [L], pad after an EOS
+    finished: bool              # generation ends with this canvas (an EOS, or the budget is spent)
 
 
 @dataclass
@@ -62,9 +77,9 @@ def temperature(cfg: GenerationConfig, steps_left: int) -> float:
     return float(f32(cfg.t_min) + f32(cfg.t_max - cfg.t_min) * frac)
 
 
-def resolve_config(model: Model, overrides: Mapping[str, Any]) -> GenerationConfig:
-    """The model's generation config with the call's non-None overrides applied."""
-    return model.generation_config.replace(**overrides)
+def resolve_config(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationConfig:
+    """A generation config with the call's non-None overrides applied."""
+    return base.replace(**overrides)
 
 
 def new_token_budget(cfg: GenerationConfig, prompt_length: int) -> int:
@@ -78,15 +93,10 @@ def new_token_budget(cfg: GenerationConfig, prompt_length: int) -> int:
     return cfg.max_new_tokens
 
 
-def default_noise(vocab_size: int, rng: np.random.Generator) -> NoiseSource:
-    """Uniform token ids over the whole vocabulary."""
-    return lambda n: rng.integers(0, vocab_size, size=n, dtype=np.int64)
-
-
 class Pins:
     """Positions of the generated text the sampler never changes (infilling / editing)."""
 
-    def __init__(self, model: Model, pinned: Mapping[int, int] | Sequence[int] | None,
+    def __init__(self, vocab_size: int, pinned: Mapping[int, int] | Sequence[int] | None,
                  start_canvas: np.ndarray | None, budget: int):
         if pinned is None:
             self.tokens: dict[int, int] = {}
@@ -104,183 +114,148 @@ class Pins:
         for p, t in self.tokens.items():
             if not 0 <= p < budget:
                 raise ConfigError(f"pinned position {p} is outside the generated range 0..{budget - 1}")
-            if not 0 <= t < model.config.vocab_size:
+            if not 0 <= t < vocab_size:
                 raise ConfigError(f"pinned token {t} at position {p} is not a valid id")
 
-    def for_block(self, block: int, L: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(mask [L] bool, ids [L]) of this canvas's pinned positions, or None."""
+    def for_block(self, block: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mask [L] bool, ids [L]) of this canvas's pinned positions."""
         mask, ids = np.zeros(L, bool), np.zeros(L, np.int64)
         for p, t in self.tokens.items():
             if block * L <= p < (block + 1) * L:
                 mask[p - block * L], ids[p - block * L] = True, t
-        return (mask, ids) if mask.any() else None
+        return mask, ids
 
 
-def drain(steps: Generator[None, None, Any]) -> Any:
-    """Run a step generator (`canvas_steps`, `sequence_steps`) to the end; return its result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+# --- counter-based random numbers --------------------------------------------------------------
+# Integer arithmetic any backend does exactly: values stay below 2^32 and are multiplied only by
+# constants below 2^27, so no product leaves int64.
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of ints or int64 arrays in [0, 2^32)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & M32
+    return (x >> 16) ^ x
 
 
-def denoise_canvas(ctx: Context, cfg: GenerationConfig, canvas: np.ndarray, block: int,
-                   noise: NoiseSource, sample: SampleFunction,
-                   pins: tuple[np.ndarray, np.ndarray] | None,
-                   on_step: Callable[[StepInfo], Any] | None) -> tuple[np.ndarray, int]:
-    """Denoise one canvas; returns (committed argmax canvas [L], steps used)."""
-    return drain(canvas_steps(ctx, cfg, canvas, block, noise, sample, pins, on_step))
+def seed_key(seed: int | None) -> int:
+    """A 32-bit key for a seed (any Python int); None draws one from the operating system."""
+    if seed is None:
+        seed = int(np.random.default_rng().integers(0, 2**63))
+    seed = int(seed) % 2**64
+    return mix32(mix32(seed & M32) ^ (seed >> 32))
 
 
-def canvas_steps(ctx: Context, cfg: GenerationConfig, canvas: np.ndarray, block: int,
-                 noise: NoiseSource, sample: SampleFunction,
-                 pins: tuple[np.ndarray, np.ndarray] | None,
-                 on_step: Callable[[StepInfo], Any] | None
-                 ) -> Generator[None, None, tuple[np.ndarray, int]]:
-    """`denoise_canvas` one step at a time: yields after every denoising step."""
-    B = ctx.model.backend
-    L = len(canvas)
-    if pins is not None:
-        pin_mask, pin_ids = B.asarray(pins[0]), B.asarray(pins[1])
-        canvas = np.where(pins[0], pins[1], canvas)
-    x = B.asarray(canvas)
-    sc = None
-    history = [B.asarray(np.full(L, -1, np.int64)) for _ in range(cfg.stability_threshold)]
-    argmax = x
-    steps = 0
-    for steps_left in range(cfg.max_denoising_steps, 0, -1):
-        steps += 1
-        t = temperature(cfg, steps_left)
-        scaled = ctx.denoise_device(x, sc) / t                         # [L, V] float32
-        sc = None                                                      # free the previous logits
-        argmax = B.argmax(scaled)
-        sampled = sample(scaled)
-        entropy = B.entropy(scaled)                                    # [L]
-        if pins is not None:
-            argmax = B.where(pin_mask, pin_ids, argmax)
-            sampled = B.where(pin_mask, pin_ids, sampled)
-            entropy = B.where(pin_mask, 0.0, entropy)
-        order = B.argsort(entropy)
-        sorted_entropy = entropy[order]
-        keep_sorted = B.cumsum(sorted_entropy) - sorted_entropy <= cfg.entropy_bound
-        accept = keep_sorted[B.argsort(order)]                         # scatter back by inverse permutation
-        x = B.where(accept, sampled, B.asarray(noise(L)))
-        if pins is not None:
-            x = B.where(pin_mask, pin_ids, x)
-        mean_entropy = B.mean(entropy)
-        decision = mean_entropy < cfg.confidence_threshold              # confident ...
-        for previous in history:                                       # ... and stable (never on step 1)
-            decision = decision & B.all(previous == argmax)
-        history = history[1:] + [argmax] if history else history
-        stop = bool(B.to_numpy(decision))
-        if on_step is not None:
-            on_step(StepInfo(block, steps, steps_left, t, B.to_numpy(argmax).astype(np.int64),
-                             int(B.to_numpy(B.sum(accept * 1, 0))), float(B.to_numpy(mean_entropy)), stop))
-        if stop:
-            break
-        sc = scaled
-        yield
-    return B.to_numpy(argmax).astype(np.int64), steps
+def random_bits(key: Array, block: Array, step: Array, stream: int, position: Array) -> Array:
+    """32 random bits per (row, position): key, block, step [B] int64, position [L] int64 -> [B, L].
+
+    A hash of (key, stream, block, step, position): any backend gets the same bits."""
+    row = mix32(key ^ ((block * 0x3C6EF35 + stream) & M32))
+    row = mix32(row ^ ((step * 0x2545F49) & M32))
+    return mix32(row[:, None] ^ ((position[None, :] * 0x1B873593) & M32))
+
+
+def uniforms(B: Any, bits: Array) -> Array:
+    """[0, 1) float32 from 32 random bits (their top 24, exact in float32)."""
+    return B.to_float32(bits >> 8) * (1.0 / (1 << 24))
+
+
+def token_ids(bits: Array, vocab_size: int) -> Array:
+    """Uniform ids in [0, vocab_size) from 32 random bits."""
+    return (bits * vocab_size) >> 32
+
+
+# --- one denoising step of a batch ------------------------------------------------------------
+@dataclass
+class StepState:
+    """What a batch carries from step to step (device arrays, one row per sequence)."""
+
+    canvas: Array               # [B, L] ids: the decoder's input
+    soft: Array | None          # [B, L, H] self-conditioning soft embedding; zeros (or None) on a first step
+    history: Array              # [B, K, L] the last K argmax canvases, newest last; -1 before any
 
 
 @dataclass
-class BlockInfo:
-    """What an `on_block` callback sees after each committed canvas."""
+class StepKnobs:
+    """Per-row settings of a step (device arrays [B] unless noted)."""
 
-    block: int                  # canvas index, from 0
-    ids: np.ndarray             # the committed canvas [L], pad after an EOS
-    finished: bool              # an EOS is in this canvas: generation ends with it
+    steps_left: Array           # n of the temperature schedule, float32
+    total_steps: Array          # N, float32
+    t_min: Array                # float32
+    t_span: Array               # t_max - t_min, float32
+    entropy_bound: Array        # float32
+    confidence: Array           # float32
+    ignored: Array              # [B, K] bool: history entries a row does not compare (all but its last k)
+    key: Array                  # int64 seed keys
+    block: Array                # int64 canvas index
+    step: Array                 # int64 step index within the canvas (from 1)
+    greedy: Array | None        # bool; None: no row is greedy
+    all_greedy: bool            # every row greedy: no uniforms needed
+    pin_mask: Array | None      # [B, L] bool; None: no pins in the batch
+    pin_ids: Array | None       # [B, L] int64
+    host_noise: Array | None    # [B, L] int64 renoise ids from a user `noise` function
+    host_noise_rows: Array | None   # [B] bool: rows whose renoise ids come from host_noise
+    positions: Array            # [L] int64 0..L-1 (the generator's position counter)
+    condition: bool             # compute the next step's soft embedding (False on a batch's last step)
 
 
-def generate(model: Model, prompt_ids: Sequence[int] | np.ndarray, **options: Any) -> GenerateOutput:
+@dataclass
+class StepResult:
+    """What one step produces (device arrays)."""
+
+    state: StepState            # the next step's input
+    argmax: Array               # [B, L] the draft (committed when the canvas ends)
+    stop: Array                 # [B] bool: stable and confident
+    accepted: Array             # [B] int: positions accepted this step
+    mean_entropy: Array         # [B] float32
+
+
+def denoise_step(network: Any, frame: Any, state: StepState, knobs: StepKnobs) -> StepResult:
+    """One denoising step of every row (spec §4.4): decoder pass, temperature, sample, entropy-bound
+    acceptance, renoise, pins, stop decision, self-conditioning for the next step."""
+    B = network.backend
+    V = network.config.vocab_size
+    logits = network.denoise(state.canvas, frame, state.soft)                        # [B, L, V]
+    t = knobs.t_min + knobs.t_span * (knobs.steps_left / knobs.total_steps)          # [B] float32
+    scaled = B.divide_rows(logits, t)
+    del logits
+    u = None if knobs.all_greedy else uniforms(B, random_bits(knobs.key, knobs.block, knobs.step, UNIFORM,
+                                                              knobs.positions))
+    argmax, entropy, sampled = B.token_stats(scaled, u)                              # [B, L] each
+    if knobs.greedy is not None and not knobs.all_greedy:
+        sampled = B.where(knobs.greedy[:, None], argmax, sampled)
+    if knobs.pin_mask is not None:
+        argmax = B.where(knobs.pin_mask, knobs.pin_ids, argmax)
+        sampled = B.where(knobs.pin_mask, knobs.pin_ids, sampled)
+        entropy = B.where(knobs.pin_mask, 0.0, entropy)
+    order = B.argsort(entropy)                                                        # [B, L]
+    sorted_entropy = B.take_along(entropy, order)
+    keep_sorted = B.cumsum(sorted_entropy) - sorted_entropy <= knobs.entropy_bound[:, None]
+    accept = B.take_along(keep_sorted, B.argsort(order))                             # inverse permutation
+    noise = token_ids(random_bits(knobs.key, knobs.block, knobs.step, RENOISE, knobs.positions), V)
+    if knobs.host_noise is not None:
+        noise = B.where(knobs.host_noise_rows[:, None], knobs.host_noise, noise)
+    canvas = B.where(accept, sampled, noise)
+    if knobs.pin_mask is not None:
+        canvas = B.where(knobs.pin_mask, knobs.pin_ids, canvas)
+    mean_entropy = B.mean(entropy, -1)
+    stop = mean_entropy < knobs.confidence                                           # confident ...
+    history = state.history
+    if history.shape[1]:                                                              # ... and stable
+        same = history == argmax[:, None, :]                                          # [B, K, L]
+        stop = stop & B.all(B.all(same, -1) | knobs.ignored, -1)
+        history = B.concat([history[:, 1:], argmax[:, None, :]], 1)
+    soft = network.condition(scaled) if knobs.condition else None
+    return StepResult(StepState(canvas, soft, history), argmax, stop, B.sum(accept * 1, -1), mean_entropy)
+
+
+def generate(model: Any, prompt_ids: Sequence[int] | np.ndarray, **options: Any) -> GenerateOutput:
     """Generate text after a prompt by block diffusion (transformers' `generate`, one sequence).
 
-    Options are those of `sequence_steps`."""
-    return drain(sequence_steps(model, prompt_ids, **options))
+    Options (None means the checkpoint's generation config): max_new_tokens, max_denoising_steps,
+    entropy_bound, t_min, t_max, stability_threshold, confidence_threshold; seed; noise (a function
+    n -> n ids used for every canvas start and renoise, instead of the seeded generator); greedy
+    (sample the argmax); start_canvas (the first canvas's initial ids); pinned (generated position
+    -> id the sampler never changes, or positions whose ids come from start_canvas); on_step
+    (called with a StepInfo after every step) and on_block (a BlockInfo after every canvas)."""
+    from .engine import generate_batch
 
-
-def sequence_steps(model: Model, prompt_ids: Sequence[int] | np.ndarray, *, max_new_tokens: int | None = None,
-                   max_denoising_steps: int | None = None, entropy_bound: float | None = None,
-                   t_min: float | None = None, t_max: float | None = None,
-                   stability_threshold: int | None = None, confidence_threshold: float | None = None,
-                   seed: int | None = None, noise: NoiseSource | None = None, greedy: bool = False,
-                   sample: SampleFunction | None = None, start_canvas: Sequence[int] | None = None,
-                   pinned: Mapping[int, int] | Sequence[int] | None = None,
-                   on_step: Callable[[StepInfo], Any] | None = None,
-                   on_block: Callable[[BlockInfo], Any] | None = None
-                   ) -> Generator[None, None, GenerateOutput]:
-    """`generate`, one denoising step per `next()`; the options are validated before the first.
-
-    None means the checkpoint's generation config.  `noise(n)` supplies n random token ids: once
-    when each canvas starts and once after every denoising step (entry j is used at position j
-    when it is not accepted).  `greedy` samples the argmax of the scaled logits; `sample` replaces
-    categorical sampling altogether.  `start_canvas` is the first canvas's initial ids; `pinned`
-    maps generated positions (0-based) to ids the sampler never changes (or lists positions whose
-    ids come from `start_canvas`).  `on_step(StepInfo)` is called after every step and
-    `on_block(BlockInfo)` after every committed canvas."""
-    cfg = resolve_config(model, dict(
-        max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
-        entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
-        stability_threshold=stability_threshold, confidence_threshold=confidence_threshold))
-    B, L, V = model.backend, model.canvas_length, model.config.vocab_size
-    prompt = model.check_ids(prompt_ids, "prompt_ids")
-    budget = new_token_budget(cfg, len(prompt))
-    n_blocks = -(-budget // L)
-    limit = model.config.max_position_embeddings
-    if len(prompt) + n_blocks * L > limit:
-        raise ConfigError(f"prompt ({len(prompt)} tokens) + {n_blocks} canvas(es) of {L} exceeds the "
-                          f"model's context of {limit} positions")
-    first_canvas = None
-    if start_canvas is not None:
-        first_canvas = model.check_ids(start_canvas, "start_canvas")
-        if len(first_canvas) != L:
-            raise ConfigError(f"start_canvas has {len(first_canvas)} ids, expected the canvas length {L}")
-    pins = Pins(model, pinned, first_canvas, n_blocks * L)
-    rng = np.random.default_rng(seed)
-    noise_rng, sample_rng = rng.spawn(2)
-    noise = noise or default_noise(V, noise_rng)
-    if sample is None:
-        sample = B.argmax if greedy else (
-            lambda scaled: B.categorical(scaled, B.asarray(sample_rng.random(L, dtype=np.float32))))
-    eos = set(cfg.eos_token_id or [])
-    return run_sequence(model, cfg, prompt, n_blocks, first_canvas, pins, noise, sample, eos, on_step, on_block)
-
-
-def run_sequence(model: Model, cfg: GenerationConfig, prompt: np.ndarray, n_blocks: int,
-                 first_canvas: np.ndarray | None, pins: Pins, noise: NoiseSource, sample: SampleFunction,
-                 eos: set[int], on_step: Callable[[StepInfo], Any] | None,
-                 on_block: Callable[[BlockInfo], Any] | None) -> Generator[None, None, GenerateOutput]:
-    """The block loop of `sequence_steps` (checked arguments), yielding between denoising steps."""
-    L = model.canvas_length
-    ctx = model.start(prompt)
-    blocks, steps = [], []
-    finished = False
-    for block in range(n_blocks):
-        if block:
-            ctx.commit(blocks[-1])
-        initial = np.asarray(noise(L), np.int64)
-        if block == 0 and first_canvas is not None:
-            initial = first_canvas
-        committed, used = yield from canvas_steps(ctx, cfg, initial, block, noise, sample,
-                                                  pins.for_block(block, L), on_step)
-        steps.append(used)
-        eos_at = [j for j, t in enumerate(committed) if int(t) in eos]
-        if eos_at:
-            if cfg.pad_token_id is not None:
-                committed[eos_at[0] + 1:] = cfg.pad_token_id
-            finished = True
-        blocks.append(committed)
-        if on_block is not None:
-            on_block(BlockInfo(block, committed.copy(), finished))
-        if finished:
-            break
-        if block + 1 < n_blocks:
-            yield
-    generated = np.concatenate(blocks)
-    ids = generated.tolist()
-    cut = next((j for j, t in enumerate(ids) if t in eos), len(ids))
-    valid = int((generated != cfg.pad_token_id).sum()) if cfg.pad_token_id is not None else len(ids)
-    text = model.tokenizer.decode(ids[:cut]) if model.tokenizer is not None else None
-    return GenerateOutput(np.concatenate([prompt, generated])[None, :], ids[:cut], text, steps,
-                          len(prompt), finished, valid / max(1, sum(steps)))
+    return generate_batch(model, [prompt_ids], **options)[0]

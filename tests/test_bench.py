@@ -78,16 +78,17 @@ def test_step_flops_counts_every_product():
 def test_memory_bound():
     cfg = DiffusionGemmaConfig.from_dict(synth.config_json("tiny", synth.text_config("tiny"), "transformers", "f32"))
     report = bench.memory_report(peak_host=2000, peak_device=None, weights=1000, cfg=cfg)
-    assert report["logits_bytes"] == 16 * 512 * 4 and report["bound_bytes"] == 1100 + 16 * 512 * 4
+    assert report["logits_bytes"] == 16 * 512 * 4 and report["bound_bytes"] == 1100 + 2 * 16 * 512 * 4
     assert report["within_bound"]
-    assert not bench.memory_report(40_000, None, 1000, cfg)["within_bound"]
+    assert not bench.memory_report(80_000, None, 1000, cfg)["within_bound"]
+    assert bench.memory_report(80_000, None, 1000, cfg, batch=2)["within_bound"]
 
 
 def test_cli_json_schema(tiny):
     result = CliRunner().invoke(main, ["bench", "--model", str(tiny), "--new-tokens", "20", "--steps", "fixed:3",
                                        "--repeat", "2", "--warmup", "1", "--prompt-len", "9", "--json"])
     assert result.exit_code == 0, result.output
-    r = json.loads(result.output)
+    r = json.loads(result.stdout)
     assert r["schema"] == "portable_dg.bench/1" and r["backend"] == "numpy" and r["synthetic"] is True
     assert r["settings"]["canvases"] == 2 and r["settings"]["max_denoising_steps"] == 3
     assert set(r["metrics"]) == set(bench.METRICS) and len(r["runs"]) == 2
@@ -105,7 +106,7 @@ def test_cli_compare_transformers_table(tiny):
     result = CliRunner().invoke(main, ["bench", "--model", str(tiny), "--new-tokens", "16", "--steps", "fixed:2",
                                        "--repeat", "1", "--warmup", "0", "--compare", "transformers", "--json"])
     assert result.exit_code == 0, result.output
-    r = json.loads(result.output)
+    r = json.loads(result.stdout)
     ref = r["reference"]
     assert ref["metrics"]["steps_per_canvas"]["median"] == 2.0 and len(ref["runs"]) == 1
     assert ref["implementation"].startswith("transformers")

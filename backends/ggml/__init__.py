@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_dg.backends.numpy import NumpyBackend
+from portable_dg.backends.numpy import NumpyBackend, row_chunks
 from portable_dg.errors import BackendUnavailable, CheckpointError, ConfigError
 
 # Formats whose tensors `weight()` takes without dequantizing them first.
@@ -100,29 +100,39 @@ class GgmlBackend(NumpyBackend):
     def embedding(self, table: Any, ids: np.ndarray) -> np.ndarray:
         import ggml
 
-        ids = self.check_ids(ids, table.shape[0], table)
-        return self.engine.run(ggml.ggml_get_rows, [table, ids], (len(ids), table.shape[1]),
-                               work=len(ids) * table.shape[1])
+        flat = self.check_ids(np.asarray(ids).reshape(-1), table.shape[0], table)
+        rows = self.engine.run(ggml.ggml_get_rows, [table, flat], (len(flat), table.shape[1]),
+                               work=len(flat) * table.shape[1])
+        return rows.reshape(*np.shape(ids), table.shape[1])
 
     def linear(self, x: np.ndarray, w: Any) -> np.ndarray:
         import ggml
 
-        x = self.check_input(x, w)
+        lead = x.shape[:-1]
+        x = self.check_input(x, w).reshape(-1, w.shape[-1])                      # tokens [T, in]
         T, out = x.shape[0], w.shape[0]
         if self.engine.is_cpu and T >= self.blas_min_tokens:     # dequantized tiles through BLAS
-            return np.concatenate([x @ self.float_rows(w, a, b).T for a, b in tiles(w, out)], axis=1)
-        return self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
+            y = np.concatenate([x @ self.float_rows(w, a, b).T for a, b in tiles(w, out)], axis=1)
+        else:
+            y = self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
+        return y.reshape(*lead, out)
 
-    def soft_embedding(self, probs: np.ndarray, table: Any) -> np.ndarray:
+    def soft_embedding(self, logits: np.ndarray, table: Any) -> np.ndarray:
+        """softmax(logits) @ table, tile by tile over the vocabulary: each table tile is dequantized
+        once per call and the probabilities are made tile by tile (temporaries [rows, tile])."""
         V, H = table.shape
-        probs = np.ascontiguousarray(probs, np.float32)
-        if probs.shape[-1] != V:
-            raise ConfigError(f"{table.name}: probabilities over {probs.shape[-1]} tokens, "
-                              f"the table has {V}")
-        out = np.zeros((probs.shape[0], H), np.float32)
+        if logits.shape[-1] != V:
+            raise ConfigError(f"{table.name}: logits over {logits.shape[-1]} tokens, the table has {V}")
+        flat = np.ascontiguousarray(logits.reshape(-1, V), np.float32)             # [R, V]
+        peak = flat.max(axis=-1, keepdims=True)
+        total = np.concatenate([np.exp(flat[rows] - peak[rows]).sum(axis=-1, keepdims=True)
+                                for rows in row_chunks(flat)])
+        out = np.zeros((flat.shape[0], H), np.float32)
         for start, stop in tiles(table, V):
-            out += probs[:, start:stop] @ self.float_rows(table, start, stop)
-        return out
+            probs = np.exp(flat[:, start:stop] - peak)
+            probs /= total
+            out += probs @ self.float_rows(table, start, stop)
+        return out.reshape(*logits.shape[:-1], H)
 
     def expert_linear(self, x: np.ndarray, w: Any, ids: np.ndarray) -> np.ndarray:
         import ggml

@@ -1,23 +1,22 @@
 """The MLX backend: Apple Silicon (Metal); on Linux `mlx[cpu]` runs it for tests only.
 
-Fast paths: `mx.fast.rms_norm`, `mx.fast.rope` (HF's rotate-half layout with explicit frequencies,
-so the proportional rope's zero frequencies pass their pairs through unrotated),
-`mx.fast.scaled_dot_product_attention` (scale 1.0, native GQA, a boolean mask for the encoder),
-`mx.quantized_matmul` / `mx.gather_qmm` on weights kept packed as `mx.quantize` made them (affine
-2-8 bits, mxfp4), and `mx.gather_mm` over stacked experts with the tokens sorted by expert for a
-whole canvas.  Elementwise chains (GELU, soft-cap, entropy, inverse-CDF sampling) are `mx.compile`d
-into single kernels; the whole canvas step is not, because the model is written once against the
-backend protocol and compiling it would need a protocol hook (see the report in issue 3).
+Fast paths: `mx.fast.rms_norm`, `mx.fast.scaled_dot_product_attention` (scale 1.0, native GQA, a
+boolean mask for the encoder), `mx.quantized_matmul` / `mx.gather_qmm` on weights kept packed as
+`mx.quantize` made them (affine 2-8 bits, mxfp4), and `mx.gather_mm` over stacked experts with the
+tokens sorted by expert for a whole canvas.  The whole denoising step (decoder pass and sampler) is
+`mx.compile`d through the step hook, once per batch change (`compile_step`).
 
-MLX is lazy: nothing runs until a host read.  The sampler reads its stop decision once per step,
-which evaluates the step's whole graph, so graphs never grow across steps.
+MLX is lazy: nothing runs until a host read.  The engine reads each step's result once, which
+evaluates the step's whole graph; on steps it does not read, the new state is evaluated explicitly
+so graphs never grow across steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -29,6 +28,7 @@ import mlx.core as mx
 FORMATS = ("hf", "mlx")
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 SORT_THRESHOLD = 64   # expert rows at or above which tokens are sorted by expert (as mlx-lm does)
+ROW_CHUNK = 1 << 24   # elements of a [rows, V] temporary the sampler ops and the soft lookup make at once
 GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -59,16 +59,16 @@ def gelu_tanh(x: mx.array) -> mx.array:
 
 
 @mx.compile
-def entropy(logits: mx.array) -> mx.array:
+def argmax_entropy(logits: mx.array) -> tuple[mx.array, mx.array]:
     z = logits - mx.max(logits, axis=-1, keepdims=True)
     e = mx.exp(z)
     total = mx.sum(e, axis=-1)
-    return mx.log(total) - mx.sum(e * z, axis=-1) / total
+    return mx.argmax(logits, axis=-1), mx.log(total) - mx.sum(e * z, axis=-1) / total
 
 
 @mx.compile
 def categorical(logits: mx.array, uniforms: mx.array) -> mx.array:
-    cdf = mx.cumsum(mx.exp(logits - mx.max(logits, axis=-1, keepdims=True)), axis=-1)  # [L, V]
+    cdf = mx.cumsum(mx.exp(logits - mx.max(logits, axis=-1, keepdims=True)), axis=-1)  # [R, V]
     target = uniforms[:, None] * cdf[:, -1:]
     return mx.minimum(mx.sum(cdf <= target, axis=-1), logits.shape[-1] - 1)
 
@@ -86,12 +86,13 @@ class MLXBackend:
 
     name = "mlx"
 
-    def __init__(self, dtype: str = "bfloat16"):
+    def __init__(self, dtype: str = "bfloat16", compile: bool | None = None):
         if dtype not in DTYPES:
             raise ConfigError(f"mlx backend: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.compute_dtype = dtype
         self.dtype = DTYPES[dtype]
-        self.rope_freqs: dict[bytes, mx.array] = {}
+        # mx.compile by default on the GPU (Metal); on the CPU it JIT-builds C++ kernels for seconds
+        self.compile = mx.default_device() == mx.gpu if compile is None else compile
 
     # --- weights and host transfer ------------------------------------------------------------
     def weight(self, name: str, value: Any) -> mx.array | QuantizedWeight:
@@ -114,15 +115,20 @@ class MLXBackend:
         mx.eval(array)
         return array
 
-    def asarray(self, a: np.ndarray) -> mx.array:
+    def asarray(self, a: np.ndarray, compute: bool = False) -> mx.array:
         a = np.asarray(a)
         if a.dtype == np.bool_:
             return mx.array(a)
-        # floats stay at least float32 on the host side: bf16 uniforms or SC logits would skew sampling
-        return mx.array(a.astype(np.int64)) if a.dtype.kind in "iu" else mx.array(a, mx.float32)
+        if a.dtype.kind in "iu":
+            return mx.array(a.astype(np.int64))
+        # host floats other than activations (self-conditioning logits) stay float32
+        return mx.array(a, mx.float32).astype(self.dtype) if compute else mx.array(a, mx.float32)
 
     def to_numpy(self, x: mx.array) -> np.ndarray:
         return np.array(x.astype(mx.float32) if x.dtype in (mx.bfloat16, mx.float16) else x)
+
+    def zeros(self, shape) -> mx.array:
+        return mx.zeros(tuple(shape), self.dtype)
 
     # --- dense ops ----------------------------------------------------------------------------
     def embedding(self, table, ids: mx.array) -> mx.array:
@@ -137,12 +143,18 @@ class MLXBackend:
             return mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True, **w.params)
         return x @ w.T
 
-    def soft_embedding(self, probs: mx.array, table) -> mx.array:
-        probs = probs.astype(self.dtype)
-        if isinstance(table, QuantizedWeight):           # probs [T, V] x packed [V, H], no dequantized copy
-            return mx.quantized_matmul(probs, table.weight, table.scales, table.biases, transpose=False,
-                                       **table.params)
-        return probs @ table
+    def soft_embedding(self, logits: mx.array, table) -> mx.array:
+        flat = logits.reshape(-1, logits.shape[-1])                               # [R, V]
+        step = max(1, ROW_CHUNK // flat.shape[-1])
+        parts = []
+        for start in range(0, flat.shape[0], step):
+            probs = self.softmax(flat[start:start + step]).astype(self.dtype)
+            if isinstance(table, QuantizedWeight):       # probs [r, V] x packed [V, H], no dequantized copy
+                parts.append(mx.quantized_matmul(probs, table.weight, table.scales, table.biases,
+                                                 transpose=False, **table.params))
+            else:
+                parts.append(probs @ table)
+        return mx.concatenate(parts).reshape(*logits.shape[:-1], -1)
 
     def gather(self, x: mx.array, w, experts: mx.array, sorted_indices: bool) -> mx.array:
         """x [..., 1, in] times w[experts] -> [..., 1, out] (experts broadcast against x's batch)."""
@@ -168,38 +180,18 @@ class MLXBackend:
     def rms_norm(self, x: mx.array, w: mx.array | None, eps: float) -> mx.array:
         return mx.fast.rms_norm(x, w, eps)
 
-    def rope(self, x: mx.array, positions: np.ndarray, inv_freq: np.ndarray) -> mx.array:
-        positions = np.asarray(positions)
-        start = int(positions[0]) if len(positions) else 0
-        if not np.array_equal(positions, np.arange(start, start + len(positions))):
-            return self.rope_at(x, positions, inv_freq)
-        out = mx.fast.rope(x.swapaxes(0, 1), x.shape[-1], traditional=False, base=None, scale=1.0,
-                           offset=start, freqs=self.wavelengths(inv_freq))            # on [n, T, d]
-        return out.swapaxes(0, 1)
-
-    def wavelengths(self, inv_freq: np.ndarray) -> mx.array:
-        """mx.fast.rope's `freqs` (1 / inv_freq; a zero frequency becomes inf: no rotation)."""
-        key = inv_freq.tobytes()
-        if key not in self.rope_freqs:
-            with np.errstate(divide="ignore"):
-                self.rope_freqs[key] = mx.array((1.0 / inv_freq.astype(np.float64)).astype(np.float32))
-        return self.rope_freqs[key]
-
-    def rope_at(self, x: mx.array, positions: np.ndarray, inv_freq: np.ndarray) -> mx.array:
-        """Rotate-half RoPE at arbitrary positions (the fast kernel needs consecutive ones)."""
-        theta = positions.astype(np.float32)[:, None] * inv_freq[None, :]       # [T, d/2]
-        angle = mx.array(np.concatenate([theta, theta], axis=-1)[:, None, :])    # [T, 1, d]
+    def rope(self, x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         half = x.shape[-1] // 2
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return (x * mx.cos(angle) + rotated * mx.sin(angle)).astype(x.dtype)
+        return x * cos + rotated * sin
 
     def attention(self, q, k, v, *, causal_shift, window):
-        T, S = q.shape[0], k.shape[0]
+        T, S = q.shape[1], k.shape[1]
         mask = None if causal_shift is None else attention_mask(T, S, causal_shift, window)
         out = mx.fast.scaled_dot_product_attention(
-            q.swapaxes(0, 1)[None], k.swapaxes(0, 1)[None], v.swapaxes(0, 1)[None],  # [1, n, T|S, d]
+            q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),             # [B, n, T|S, d]
             scale=1.0, mask=mask)
-        return out[0].swapaxes(0, 1)                                                   # [T, nq, d]
+        return out.swapaxes(1, 2)                                             # [B, T, nq, d]
 
     def gelu_tanh(self, x: mx.array) -> mx.array:
         return gelu_tanh(x)
@@ -219,40 +211,94 @@ class MLXBackend:
     def take(self, vector: mx.array, ids: mx.array) -> mx.array:
         return vector[ids]
 
+    def take_along(self, x: mx.array, ids: mx.array) -> mx.array:
+        return mx.take_along_axis(x, ids, axis=-1)
+
     def concat(self, xs: Sequence[mx.array], axis: int) -> mx.array:
         return mx.concatenate(list(xs), axis=axis)
 
     def sum(self, x: mx.array, axis: int) -> mx.array:
         return mx.sum(x, axis=axis)
 
+    def to_float32(self, x: mx.array) -> mx.array:
+        return x.astype(mx.float32)
+
     # --- sampler ops --------------------------------------------------------------------------
-    def argmax(self, x: mx.array) -> mx.array:
-        return mx.argmax(x, axis=-1)
+    def divide_rows(self, x: mx.array, t: mx.array) -> mx.array:
+        return x / t.reshape(-1, *[1] * (x.ndim - 1))
 
-    def entropy(self, logits: mx.array) -> mx.array:
-        return entropy(logits)
-
-    def categorical(self, logits: mx.array, uniforms: mx.array) -> mx.array:
-        return categorical(logits, uniforms.astype(mx.float32))
+    def token_stats(self, logits: mx.array, uniforms: mx.array | None):
+        flat = logits.reshape(-1, logits.shape[-1])                               # [R, V]
+        u = None if uniforms is None else uniforms.reshape(-1).astype(mx.float32)
+        step = max(1, ROW_CHUNK // flat.shape[-1])
+        argmaxes, entropies, samples = [], [], []
+        for start in range(0, flat.shape[0], step):
+            rows = flat[start:start + step]
+            argmax, entropy = argmax_entropy(rows)
+            argmaxes.append(argmax)
+            entropies.append(entropy)
+            samples.append(argmax if u is None else categorical(rows, u[start:start + step]))
+        return tuple(mx.concatenate(parts).reshape(logits.shape[:-1]) for parts in (argmaxes, entropies, samples))
 
     def argsort(self, x: mx.array) -> mx.array:
-        return mx.argsort(x)
+        return mx.argsort(x, axis=-1)
 
     def cumsum(self, x: mx.array) -> mx.array:
-        return mx.cumsum(x)
+        return mx.cumsum(x, axis=-1)
 
     def where(self, cond, a, b):
         return mx.where(cond, a, b)
 
-    def all(self, x: mx.array) -> mx.array:
-        return mx.all(x)
+    def all(self, x: mx.array, axis: int) -> mx.array:
+        return mx.all(x, axis=axis)
 
-    def mean(self, x: mx.array) -> mx.array:
-        return mx.mean(x)
+    def mean(self, x: mx.array, axis: int) -> mx.array:
+        return mx.mean(x, axis=axis)
+
+    def compile_step(self, fn: Callable[..., Any]) -> "CompiledStep":
+        """The denoising step through `mx.compile` (traced once per batch change) when compiling,
+        else eagerly; either way each step's outputs are evaluated before the next."""
+        return CompiledStep(fn, self.compile)
 
 
-def create(dtype: str = "bfloat16", **options: Any) -> MLXBackend:
-    """Backend factory used by `portable_dg.backends.get_backend` (dtype: the activation dtype)."""
+class CompiledStep:
+    """`fn(network, frame, state, knobs)` as an `mx.compile`d function of the arrays that change
+    from step to step (canvas, soft embedding, history, step counters, host noise).  The frame
+    (cache views, rotary tables) and the batch's static knobs are constants of the trace, which is
+    redone whenever the frame changes (its serial number) or an input appears or disappears."""
+
+    def __init__(self, fn: Callable[..., Any], compile: bool = True):
+        self.fn = fn
+        self.wrap = mx.compile if compile else (lambda f: f)
+        self.key: tuple | None = None
+        self.compiled: Callable[..., Any] | None = None
+
+    def __call__(self, network: Any, frame: Any, state: Any, knobs: Any) -> Any:
+        from portable_dg.sampler import StepResult, StepState
+
+        dynamic = [state.canvas, state.soft, state.history, knobs.steps_left, knobs.step, knobs.host_noise]
+        present = tuple(x is not None for x in dynamic)
+        key = (frame.serial, knobs.condition, present)
+        if key != self.key:
+            def run(*arrays: mx.array) -> list[mx.array]:
+                it = iter(arrays)
+                canvas, soft, history, steps_left, step, host_noise = (next(it) if p else None for p in present)
+                result = self.fn(network, frame, StepState(canvas, soft, history), dataclasses.replace(
+                    knobs, steps_left=steps_left, step=step, host_noise=host_noise))
+                out = [result.state.canvas, result.state.history, result.argmax, result.stop, result.accepted,
+                       result.mean_entropy]
+                return out if result.state.soft is None else out + [result.state.soft]
+            self.compiled, self.key = self.wrap(run), key
+        out = self.compiled(*[x for x in dynamic if x is not None])
+        mx.async_eval(out)                      # evaluate every step: graphs never grow across steps
+        soft = out[6] if len(out) > 6 else None
+        return StepResult(StepState(out[0], soft, out[1]), out[2], out[3], out[4], out[5])
+
+
+def create(dtype: str = "bfloat16", compile: bool | None = None, **options: Any) -> MLXBackend:
+    """Backend factory used by `portable_dg.backends.get_backend`.
+
+    dtype: the activation dtype; compile: `mx.compile` the denoising step (default: on the GPU)."""
     if options:
         raise ConfigError(f"mlx backend: unknown option(s) {', '.join(sorted(options))}")
-    return MLXBackend(dtype)
+    return MLXBackend(dtype, compile)

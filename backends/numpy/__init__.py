@@ -13,8 +13,10 @@ import numpy as np
 
 from portable_dg.errors import ConfigError
 
-# Query rows per attention block: bounds the [n, rows, S] score tensor for long prompts.
-ATTENTION_BLOCK = 512
+# Attention scores computed at once (query rows x keys x heads): bounds the score tensor for long prompts.
+ATTENTION_SCORES = 1 << 24
+# Elements of a [rows, V] temporary the sampler ops and the soft lookup make at once (row chunks).
+ROW_CHUNK = 1 << 24
 
 
 class NumpyBackend:
@@ -34,22 +36,33 @@ class NumpyBackend:
             value = value.dequantize()
         return np.ascontiguousarray(np.asarray(value), dtype=self.dtype)
 
-    def asarray(self, a: np.ndarray) -> np.ndarray:
+    def asarray(self, a: np.ndarray, compute: bool = False) -> np.ndarray:
         a = np.asarray(a)
-        return a.astype(np.int64) if a.dtype.kind in "iub" else a.astype(self.dtype)
+        if a.dtype.kind == "b":
+            return a.copy()
+        if a.dtype.kind in "iu":
+            return a.astype(np.int64)
+        return a.astype(self.dtype if compute else np.promote_types(np.float32, a.dtype))
 
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x)
+
+    def zeros(self, shape) -> np.ndarray:
+        return np.zeros(tuple(shape), self.dtype)
 
     # --- dense ops ----------------------------------------------------------------------------
     def embedding(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return table[ids]
 
     def linear(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return x @ w.T
+        return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])   # one GEMM over all tokens
 
-    def soft_embedding(self, probs: np.ndarray, table: np.ndarray) -> np.ndarray:
-        return probs.astype(self.dtype) @ table
+    def soft_embedding(self, logits: np.ndarray, table: np.ndarray) -> np.ndarray:
+        flat = logits.reshape(-1, logits.shape[-1])                               # [R, V]
+        out = np.empty((flat.shape[0], table.shape[1]), self.dtype)
+        for rows in row_chunks(flat):
+            out[rows] = self.softmax(flat[rows]).astype(self.dtype) @ table
+        return out.reshape(*logits.shape[:-1], table.shape[1])
 
     def expert_linear(self, x: np.ndarray, w: np.ndarray, ids: np.ndarray) -> np.ndarray:
         T, k = ids.shape
@@ -64,38 +77,50 @@ class NumpyBackend:
         y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)).astype(self.dtype)
         return y if w is None else y * w
 
-    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-        theta = positions.astype(np.float32)[:, None] * inv_freq[None, :]     # [T, d/2]
-        angle = np.concatenate([theta, theta], axis=-1)[:, None, :]           # [T, 1, d]
-        cos, sin = np.cos(angle).astype(self.dtype), np.sin(angle).astype(self.dtype)
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         half = x.shape[-1] // 2
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
     def attention(self, q, k, v, *, causal_shift, window):
-        T, nq, d = q.shape
-        S, nkv, _ = k.shape
+        n, T, nq, d = q.shape
+        S, nkv = k.shape[1], k.shape[2]
         g = nq // nkv
-        qg = q.reshape(T, nkv, g, d).transpose(1, 2, 0, 3)       # [nkv, g, T, d]
-        kt = k.transpose(1, 2, 0)[:, None]                        # [nkv, 1, d, S]
-        vt = v.transpose(1, 0, 2)[:, None]                        # [nkv, 1, S, d]
-        out = np.empty((nkv, g, T, d), dtype=self.dtype)
-        key_pos = np.arange(S)
-        for start in range(0, T, ATTENTION_BLOCK):
-            rows = slice(start, min(T, start + ATTENTION_BLOCK))
-            scores = (qg[:, :, rows] @ kt).astype(np.float32 if self.dtype == np.float32 else self.dtype)
+        # the g query heads of a kv head as one matrix of g*T rows (row j*T + t = head j, token t)
+        qh = q.reshape(n, T, nkv, g, d).transpose(0, 2, 3, 1, 4).reshape(n, nkv, g * T, d)
+        kt = k.transpose(0, 2, 3, 1)                              # [B, nkv, d, S]
+        vh = v.transpose(0, 2, 1, 3)                              # [B, nkv, S, d]
+        out = np.empty((n, nkv, g * T, d), dtype=self.dtype)
+        score_dtype = np.promote_types(self.dtype, np.float32)
+        block = max(1, ATTENTION_SCORES // (n * nkv * S))         # query rows per block
+        for start in range(0, g * T, block):
+            rows = slice(start, min(g * T, start + block))
+            scores = (qh[:, :, rows] @ kt).astype(score_dtype, copy=False)    # [B, nkv, r, S]
             if causal_shift is not None:
-                query_pos = np.arange(rows.start, rows.stop)[:, None] + causal_shift
-                hidden = key_pos[None, :] > query_pos
+                query_pos = np.arange(rows.start, rows.stop)[:, None] % T + causal_shift
+                key_pos = np.arange(S)[None, :]
+                hidden = key_pos > query_pos
                 if window is not None:
-                    hidden |= query_pos - key_pos[None, :] >= window
-                scores = np.where(hidden, -np.inf, scores)
-            out[:, :, rows] = self.softmax(scores).astype(self.dtype) @ vt
-        return out.transpose(2, 0, 1, 3).reshape(T, nq, d)       # [T, nq, d]
+                    hidden |= query_pos - key_pos >= window
+                scores[..., hidden] = -np.inf
+            scores -= scores.max(axis=-1, keepdims=True)          # softmax in place
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            out[:, :, rows] = scores.astype(self.dtype, copy=False) @ vh
+        return out.reshape(n, nkv, g, T, d).transpose(0, 3, 1, 2, 4).reshape(n, T, nq, d)   # [B, T, nq, d]
 
     def gelu_tanh(self, x: np.ndarray) -> np.ndarray:
         c = np.sqrt(2.0 / np.pi).astype(self.dtype) if self.dtype == np.float64 else np.float32(np.sqrt(2.0 / np.pi))
-        return 0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x * x * x)))
+        inner = x * 0.044715                            # the formula's operations in its order, in place
+        inner *= x
+        inner *= x
+        inner += x
+        inner *= c
+        np.tanh(inner, out=inner)
+        inner += 1.0
+        inner *= x
+        inner *= 0.5
+        return inner
 
     def softmax(self, x: np.ndarray) -> np.ndarray:
         x = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
@@ -104,7 +129,11 @@ class NumpyBackend:
 
     def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
         x = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
-        return cap * np.tanh(x / cap)
+        if not x.flags.writeable:
+            x = x.copy()
+        np.divide(x, cap, out=x)                          # in place: [B, L, V] stays one array
+        np.tanh(x, out=x)
+        return np.multiply(x, cap, out=x)
 
     def top_k(self, x: np.ndarray, k: int):
         ids = np.argsort(-x, axis=-1, kind="stable")[..., :k]
@@ -113,42 +142,64 @@ class NumpyBackend:
     def take(self, vector: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return vector[ids]
 
+    def take_along(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(x, ids, axis=-1)
+
     def concat(self, xs: Sequence[np.ndarray], axis: int) -> np.ndarray:
         return np.concatenate(xs, axis=axis)
 
     def sum(self, x: np.ndarray, axis: int) -> np.ndarray:
         return x.sum(axis=axis)
 
+    def to_float32(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float32)
+
     # --- sampler ops --------------------------------------------------------------------------
-    def argmax(self, x: np.ndarray) -> np.ndarray:
-        return np.argmax(x, axis=-1)
+    def divide_rows(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t).reshape(-1, *[1] * (x.ndim - 1))
+        return np.divide(x, t, out=x) if x.flags.writeable and x.dtype == np.result_type(x, t) else x / t
 
-    def entropy(self, logits: np.ndarray) -> np.ndarray:
-        z = logits - logits.max(axis=-1, keepdims=True)
-        e = np.exp(z)
-        total = e.sum(axis=-1, keepdims=True)
-        return (np.log(total) - (e * z).sum(axis=-1, keepdims=True) / total)[..., 0]
-
-    def categorical(self, logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        cdf = np.cumsum(e, axis=-1)
-        target = np.asarray(uniforms, cdf.dtype)[:, None] * cdf[:, -1:]
-        return np.minimum((cdf <= target).sum(axis=-1), logits.shape[-1] - 1)
+    def token_stats(self, logits: np.ndarray, uniforms: np.ndarray | None):
+        V = logits.shape[-1]
+        flat = logits.reshape(-1, V)                                             # [R, V]
+        argmax = np.empty(flat.shape[0], np.int64)
+        entropy = np.empty(flat.shape[0], np.float32)
+        sample = argmax if uniforms is None else np.empty(flat.shape[0], np.int64)
+        u = None if uniforms is None else np.asarray(uniforms).reshape(-1)
+        for rows in row_chunks(flat):
+            x = flat[rows]
+            argmax[rows] = np.argmax(x, axis=-1)
+            z = x - x.max(axis=-1, keepdims=True)
+            e = np.exp(z)
+            total = e.sum(axis=-1, keepdims=True)
+            entropy[rows] = (np.log(total) - (e * z).sum(axis=-1, keepdims=True) / total)[:, 0]
+            if u is not None:                                  # inverse CDF: first index with cdf > u * total
+                cdf = np.cumsum(e, axis=-1, out=e)
+                target = u[rows].astype(cdf.dtype)[:, None] * cdf[:, -1:]
+                sample[rows] = np.minimum((cdf <= target).sum(axis=-1), V - 1)
+        shape = logits.shape[:-1]
+        return argmax.reshape(shape), entropy.reshape(shape), sample.reshape(shape)
 
     def argsort(self, x: np.ndarray) -> np.ndarray:
-        return np.argsort(x, kind="stable")
+        return np.argsort(x, axis=-1, kind="stable")
 
     def cumsum(self, x: np.ndarray) -> np.ndarray:
-        return np.cumsum(x)
+        return np.cumsum(x, axis=-1)
 
     def where(self, cond, a, b):
         return np.where(cond, a, b)
 
-    def all(self, x: np.ndarray) -> np.ndarray:
-        return np.all(x)
+    def all(self, x: np.ndarray, axis: int) -> np.ndarray:
+        return np.all(x, axis=axis)
 
-    def mean(self, x: np.ndarray) -> np.ndarray:
-        return np.mean(x)
+    def mean(self, x: np.ndarray, axis: int) -> np.ndarray:
+        return np.mean(x, axis=axis)
+
+
+def row_chunks(flat: np.ndarray) -> list[slice]:
+    """Row ranges of a [R, V] array holding at most ROW_CHUNK elements each."""
+    step = max(1, ROW_CHUNK // flat.shape[-1])
+    return [slice(a, min(flat.shape[0], a + step)) for a in range(0, flat.shape[0], step)]
 
 
 def create(dtype: str = "float32", **options: Any) -> NumpyBackend:

@@ -8,9 +8,9 @@ Hopper/Ada and an exact emulation elsewhere (`fp8.py`).  Sampling ops stay on th
 `to_numpy` reads back.
 
 Options of `create`: device "cpu" | "cuda" | "cuda:N"; dtype "float32" (conformance) | "bfloat16";
-compile=True compiles the elementwise pieces of a layer (norms, RoPE, activation, soft-cap,
-entropy) with `torch.compile`.  The whole canvas step is captured in a CUDA graph by
-`portable_dg.backends.torch.graphs.use_cuda_graphs(model)`.
+graphs (CUDA, default on): the whole denoising step (decoder pass + sampler) is captured in a CUDA
+graph once per batch change and replayed (`graphs.py`); compile=True runs the step through
+`torch.compile` instead (the CPU's step hook).  CUDA paths are untested on a GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from .experts import gather_rows, group_by_expert, grouped_mm, scatter_rows
 from .fp8 import FP8Weight, host_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Elements of a [rows, V] temporary the sampler ops and the soft lookup make at once (row chunks).
+ROW_CHUNK = 1 << 24
 FORMATS = ("hf", "fp8")
 GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -56,12 +58,19 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(x.float() / cap)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax over the last axis, in float32: log(sum e^z) - sum(e^z z) / sum e^z."""
-    z = logits.float() - logits.float().amax(-1, keepdim=True)
+def token_stats(logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(argmax, entropy, sample) of rows [R, V] float32: entropy log(sum e^z) - sum(e^z z) / sum e^z;
+    the sample is the first index whose cumulative e^z exceeds u * sum e^z (argmax without uniforms)."""
+    argmax = torch.argmax(logits, dim=-1)
+    z = logits - logits.amax(-1, keepdim=True)
     e = torch.exp(z)
     total = e.sum(-1)
-    return torch.log(total) - (e * z).sum(-1) / total
+    entropy = torch.log(total) - (e * z).sum(-1) / total
+    if uniforms is None:
+        return argmax, entropy, argmax
+    cdf = torch.cumsum(e, dim=-1)
+    target = uniforms.float()[:, None] * cdf[:, -1:]
+    return argmax, entropy, torch.clamp((cdf <= target).sum(-1), max=logits.shape[-1] - 1)
 
 
 class TorchBackend:
@@ -69,17 +78,14 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: torch.device, dtype: str, compile: bool = False):
+    def __init__(self, device: torch.device, dtype: str, compile: bool = False, graphs: bool = True):
         self.device = device
+        self.graphs = graphs and device.type == "cuda" and not compile
         self.compute_dtype = dtype
         self.dtype = DTYPES[dtype]
         self.fp8_native = fp8.native_supported(device, self.dtype)
-        self.rope_tables: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.norm, self.rotate, self.gelu, self.cap, self.entropy_of = (
-            rms_norm, rotate, gelu_tanh, softcap, entropy)
-        if compile:
-            self.norm, self.rotate, self.gelu, self.cap, self.entropy_of = (
-                torch.compile(f, dynamic=True) for f in (rms_norm, rotate, gelu_tanh, softcap, entropy))
+        self.fp8_grouped_native = fp8.native_supported(device, self.dtype, grouped=True)
+        self.compile = compile
 
     # --- weights and host transfer ------------------------------------------------------------
     def weight(self, name: str, value: Any) -> torch.Tensor | FP8Weight:
@@ -89,17 +95,21 @@ class TorchBackend:
             value = value.dequantize()
         return host_tensor(np.asarray(value)).to(self.device, self.dtype)
 
-    def asarray(self, a: np.ndarray) -> torch.Tensor:
+    def asarray(self, a: np.ndarray, compute: bool = False) -> torch.Tensor:
         a = np.asarray(a)
-        if a.dtype.kind in "iub":
+        if a.dtype.kind == "b":
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        if a.dtype.kind in "iu":
             return torch.from_numpy(a.astype(np.int64)).to(self.device)
-        # Host floats are logits (self-conditioning) and sampling uniforms: keep them float32 even
-        # in bf16 mode, as the logits the model returns are float32 (bf16 uniforms would skew sampling).
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32)
+        # Host floats other than activations (self-conditioning logits) stay float32 even in bf16 mode.
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype if compute else torch.float32)
 
     def to_numpy(self, x: torch.Tensor) -> np.ndarray:
         x = x.detach()
         return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
+
+    def zeros(self, shape) -> torch.Tensor:
+        return torch.zeros(tuple(shape), dtype=self.dtype, device=self.device)
 
     # --- dense ops ----------------------------------------------------------------------------
     def embedding(self, table: torch.Tensor | FP8Weight, ids: torch.Tensor) -> torch.Tensor:
@@ -109,50 +119,39 @@ class TorchBackend:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor | FP8Weight) -> torch.Tensor:
         if isinstance(w, FP8Weight):
-            return fp8.linear(x, w, self.dtype, self.fp8_native)
+            flat = x.reshape(-1, x.shape[-1])
+            return fp8.linear(flat, w, self.dtype, self.fp8_native).reshape(*x.shape[:-1], -1)
         return F.linear(x.to(w.dtype), w)
 
-    def soft_embedding(self, probs: torch.Tensor, table: torch.Tensor | FP8Weight) -> torch.Tensor:
-        matrix = table.dequantize(self.dtype) if isinstance(table, FP8Weight) else table
-        return probs.to(self.dtype) @ matrix
+    def soft_embedding(self, logits: torch.Tensor, table: torch.Tensor | FP8Weight) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])                               # [R, V]
+        parts = [torch.softmax(flat[rows].float(), dim=-1).to(self.dtype) @ self.table_rows(table)
+                 for rows in row_chunks(flat)]
+        return torch.cat(parts).reshape(*logits.shape[:-1], -1)
+
+    def table_rows(self, table: torch.Tensor | FP8Weight) -> torch.Tensor:
+        """A [V, H] table in the compute dtype (an FP8 table dequantized: a full-size temporary)."""
+        return table.dequantize(self.dtype) if isinstance(table, FP8Weight) else table
 
     def expert_linear(self, x: torch.Tensor, w: torch.Tensor | FP8Weight, ids: torch.Tensor) -> torch.Tensor:
         T, k = ids.shape
         groups = group_by_expert(ids, w.shape[0])
         rows = gather_rows(x.to(self.dtype), groups, k)                       # [T*k, in]
         if isinstance(w, FP8Weight):
-            y = fp8.grouped_linear(rows, w, groups.expert_of_row, groups.offsets, self.dtype, self.fp8_native)
+            y = fp8.grouped_linear(rows, w, groups.expert_of_row, groups.offsets, self.dtype,
+                                   self.fp8_grouped_native)
         else:
             y = grouped_mm(rows, w, groups.offsets)
         return scatter_rows(y, groups, T, k)                                  # [T, k, out]
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-        return self.norm(x, w, eps, self.dtype)
+        return rms_norm(x, w, eps, self.dtype)
 
-    def rope(self, x: torch.Tensor, positions: np.ndarray, inv_freq: np.ndarray) -> torch.Tensor:
-        cos, sin = self.rope_table(inv_freq, int(positions[-1]) + 1)
-        start = int(positions[0])
-        if not np.array_equal(positions, np.arange(start, start + len(positions))):
-            index = torch.from_numpy(np.asarray(positions, np.int64)).to(self.device)
-            return self.rotate(x, cos[index], sin[index])
-        return self.rotate(x, cos[start:start + len(positions)], sin[start:start + len(positions)])
-
-    def rope_table(self, inv_freq: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [P, 1, d] in the compute dtype for positions 0..P-1 (P >= length), kept on the
-        device and grown by doubling, so steady-state steps upload nothing (CUDA graphs need that).
-        Computed on the host in float32 exactly as the numpy reference does."""
-        key = inv_freq.tobytes()
-        table = self.rope_tables.get(key)
-        if table is None or table[0].shape[0] < length:
-            size = max(1024, 1 << (length - 1).bit_length())
-            theta = np.arange(size, dtype=np.float32)[:, None] * inv_freq[None, :]   # [P, d/2]
-            angle = np.concatenate([theta, theta], axis=-1)[:, None, :]              # [P, 1, d]
-            table = tuple(torch.from_numpy(f(angle)).to(self.device, self.dtype) for f in (np.cos, np.sin))
-            self.rope_tables[key] = table
-        return table
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rotate(x, cos, sin)
 
     def attention(self, q, k, v, *, causal_shift, window):
-        T, S = q.shape[0], k.shape[0]
+        T, S = q.shape[1], k.shape[1]
         mask = None
         if causal_shift is not None:
             query_pos = torch.arange(T, device=self.device)[:, None] + causal_shift
@@ -161,18 +160,18 @@ class TorchBackend:
             if window is not None:
                 mask &= query_pos - key_pos < window
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # [1, n, T|S, d]
-            attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
-        return out[0].transpose(0, 1)                                         # [T, nq, d]
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),          # [B, n, T|S, d]
+            attn_mask=mask, scale=1.0, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)                                            # [B, T, nq, d]
 
     def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gelu(x)
+        return gelu_tanh(x)
 
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(x.float(), dim=-1)
 
     def softcap(self, x: torch.Tensor, cap: float) -> torch.Tensor:
-        return self.cap(x, cap)
+        return softcap(x, cap)
 
     def top_k(self, x: torch.Tensor, k: int):
         return torch.topk(x, k, dim=-1, sorted=True)
@@ -180,39 +179,56 @@ class TorchBackend:
     def take(self, vector: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return vector[ids]
 
+    def take_along(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, -1, ids)
+
     def concat(self, xs: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
         return torch.cat(list(xs), dim=axis)
 
     def sum(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return x.sum(dim=axis)
 
+    def to_float32(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
     # --- sampler ops --------------------------------------------------------------------------
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(x, dim=-1)
+    def divide_rows(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x.div_(t.reshape(-1, *[1] * (x.dim() - 1)))
 
-    def entropy(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.entropy_of(logits)
-
-    def categorical(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        e = torch.exp(logits.float() - logits.float().amax(-1, keepdim=True))
-        cdf = torch.cumsum(e, dim=-1)
-        target = uniforms.float()[:, None] * cdf[:, -1:]
-        return torch.clamp((cdf <= target).sum(-1), max=logits.shape[-1] - 1)
+    def token_stats(self, logits: torch.Tensor, uniforms: torch.Tensor | None):
+        flat = logits.reshape(-1, logits.shape[-1])                               # [R, V]
+        u = None if uniforms is None else uniforms.reshape(-1)
+        parts = [token_stats(flat[rows], None if u is None else u[rows]) for rows in row_chunks(flat)]
+        return tuple(torch.cat(column).reshape(logits.shape[:-1]) for column in zip(*parts))
 
     def argsort(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.argsort(x, stable=True)
+        return torch.argsort(x, dim=-1, stable=True)
 
     def cumsum(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(x, dim=0)
+        return torch.cumsum(x, dim=-1)
 
     def where(self, cond, a, b):
         return torch.where(cond, a, b)
 
-    def all(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.all(x)
+    def all(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.all(x, dim=axis)
 
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.mean(x.float())
+    def mean(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.mean(x.float(), dim=axis)
+
+    def compile_step(self, fn):
+        """The denoising step captured in CUDA graphs (`graphs.py`), or `torch.compile`d when the
+        backend was created with compile=True, else run op by op."""
+        if self.graphs:
+            from .graphs import CapturedStep
+            return CapturedStep(fn)
+        return torch.compile(fn, dynamic=True) if self.compile else fn
+
+
+def row_chunks(flat: torch.Tensor) -> list[slice]:
+    """Row ranges of a [R, V] tensor holding at most ROW_CHUNK elements each (bounds temporaries)."""
+    step = max(1, ROW_CHUNK // flat.shape[-1])
+    return [slice(a, min(flat.shape[0], a + step)) for a in range(0, flat.shape[0], step)]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -235,14 +251,15 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def create(device: str = "cpu", dtype: str = "float32", compile: bool = False, **options: Any) -> TorchBackend:
+def create(device: str = "cpu", dtype: str = "float32", compile: bool = False, graphs: bool = True,
+           **options: Any) -> TorchBackend:
     """Backend factory used by `portable_dg.backends.get_backend`.
 
     device: "cpu", "cuda" or "cuda:N"; dtype: "float32" or "bfloat16"; compile: torch.compile the
-    elementwise pieces of a layer."""
+    denoising step; graphs: capture the step in CUDA graphs (CUDA only)."""
     if options:
         raise ConfigError(f"torch backend: unknown option(s) {', '.join(sorted(options))}; "
-                          "expected device, dtype, compile")
+                          "expected device, dtype, compile, graphs")
     if dtype not in DTYPES:
         raise ConfigError(f"torch backend: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return TorchBackend(resolve_device(device), dtype, bool(compile))
+    return TorchBackend(resolve_device(device), dtype, bool(compile), bool(graphs))

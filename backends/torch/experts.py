@@ -10,6 +10,7 @@ same products (one host read of the group sizes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -63,10 +64,17 @@ def grouped_mm(rows: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> to
     wt = w.transpose(-2, -1)                                           # [E, in, out], column-major
     if grouped_kernel_usable(rows, wt):
         return torch._grouped_mm(rows, wt, offs=offsets)
+    return loop_mm(rows, w, offsets, lambda e: w[e])
+
+
+def loop_mm(rows: torch.Tensor, w: Any, offsets: torch.Tensor,
+            expert: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The grouped product as a loop over the experts that have rows (one host read of the group
+    sizes); expert(e) gives expert e's weight [out, in] in the rows' dtype."""
     out = rows.new_empty(rows.shape[0], w.shape[1])
     start = 0
-    for e, end in enumerate(offsets.tolist()):                         # the one host read
+    for e, end in enumerate(offsets.tolist()):
         if end > start:
-            out[start:end] = rows[start:end] @ wt[e]
+            out[start:end] = rows[start:end] @ expert(e).T
         start = end
     return out

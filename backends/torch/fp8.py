@@ -1,10 +1,12 @@
 """FP8 e4m3 weights with per-output-channel scales on PyTorch (the FP8-dynamic recipe: W8A8).
 
 Activations are quantized per token (row) at run time, weights per output channel offline.  On CUDA
-with compute capability >= 8.9 (Ada, Hopper) the products run on the FP8 tensor cores through
-`torch._scaled_mm` / `torch._scaled_grouped_mm` with bf16 output.  Elsewhere the same arithmetic
-is emulated: the codes are exact in float32, so (x_codes @ w_codes.T) * x_scale * w_scale in float32
-reproduces the kernel up to summation order.
+the products run on the FP8 tensor cores with bf16 output: dense ones through `torch._scaled_mm`
+from compute capability 8.9 (Ada), the experts through `torch._scaled_grouped_mm`, which needs 9.0
+(Hopper).  Elsewhere the same arithmetic is emulated: the codes are exact in float32, so
+(x_codes @ w_codes.T) * x_scale * w_scale in float32 reproduces the kernel up to summation order;
+the emulated experts widen one expert's codes at a time, never the whole stack.  (The CUDA paths
+are untested on a GPU.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .experts import grouped_mm
+from .experts import loop_mm
 
 E4M3_MAX = 448.0
 
@@ -69,10 +71,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-def native_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """FP8 tensor-core products: CUDA capability >= 8.9 with bf16 activations."""
-    return (device.type == "cuda" and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm"))
+def native_supported(device: torch.device, dtype: torch.dtype, grouped: bool = False) -> bool:
+    """FP8 tensor-core products with bf16 activations: dense from CUDA capability 8.9, grouped
+    (experts) from 9.0."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    kernel, capability = ("_scaled_grouped_mm", (9, 0)) if grouped else ("_scaled_mm", (8, 9))
+    return hasattr(torch, kernel) and torch.cuda.get_device_capability(device) >= capability
 
 
 def linear(x: torch.Tensor, w: FP8Weight, dtype: torch.dtype, native: bool) -> torch.Tensor:
@@ -92,9 +97,9 @@ def grouped_linear(rows: torch.Tensor, w: FP8Weight, expert_of_row: torch.Tensor
     offsets [E] int32 are the cumulative row counts (group ends); expert_of_row [N] the same
     grouping as ids, used to pick each row's weight scales in the emulation."""
     xq, xs = quantize_rows(rows)
-    if native and hasattr(torch, "_scaled_grouped_mm"):
+    if native:
         return torch._scaled_grouped_mm(xq, w.codes.transpose(-2, -1), xs.reshape(-1),
                                         w.scale.reshape(w.scale.shape[0], -1), offs=offsets,
                                         out_dtype=dtype)
-    products = grouped_mm(xq.float(), w.codes.float(), offsets)                                   # [N, out]
+    products = loop_mm(xq.float(), w.codes, offsets, lambda e: w.codes[e].float())                # [N, out]
     return (products * xs * w.scale[expert_of_row, :, 0]).to(dtype)

@@ -1,78 +1,86 @@
-"""The canvas step captured in a CUDA graph.
+"""The denoising step captured in CUDA graphs (untested on a GPU: no GPU was available to this
+project's CI or its authors' machine; the CPU tests cover the keying only).
 
-Within one canvas the decoder pass has static shapes: the canvas is L ids, the self-conditioning
-input [L, V], and the KV cache does not change between denoising steps (only `commit` grows it).
-So the step is captured once per canvas and replayed for the remaining steps; no KV preallocation
-is needed.  The first step (no self-conditioning) runs eagerly, the second runs eagerly on a side
-stream as the capture's warm-up (its result is used), then it is captured; steps 3..N replay.
-The rope tables live on the device (`TorchBackend.rope_table`) and the experts use the grouped
-kernel, so a captured step makes no host transfer and no host sync.
+`TorchBackend.compile_step` returns a `CapturedStep` on CUDA.  A step is a pure function of device
+arrays (`portable_dg.sampler.denoise_step`): the decoder pass over the batch's canvases plus the
+sampler's per-step work.  Between two changes of the batch (a sequence joining or leaving, a canvas
+ending) every step has the same shapes and reads the same cache views, so the first step after a
+change runs eagerly on a side stream (its result is used) and is captured; the following steps copy
+their inputs into the captured ones and replay.
 
-Requires CUDA and `torch._grouped_mm` for the dtype (bf16 on sm80+); verified against the eager
-step by `bench/torch_gpu.py --check` on the GPU machine.
+The key of a capture is the frame's serial number (a counter the model assigns to every frame, so
+a new batch or canvas never meets an old graph, even when Python reuses an object's memory) plus
+the shapes of the step's inputs.  The step makes no host transfer and no host sync: rotary tables,
+context views and knobs live on the device, the experts use the grouped kernel, and the random
+numbers come from the counter-based generator.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import fields, is_dataclass
+from typing import Any, Callable
 
 import torch
 
-from portable_dg.errors import BackendUnavailable
 
-from .experts import grouped_kernel_usable
-from .fp8 import FP8Weight
+def step_key(frame: Any, state: Any, knobs: Any) -> tuple:
+    """What must match for a captured step to be replayed: the frame (by serial) and input shapes."""
+    def shape(x: Any) -> Any:
+        return None if x is None else tuple(x.shape)
+
+    dynamic = (state.canvas, state.soft, state.history, knobs.steps_left, knobs.step, knobs.host_noise)
+    return (frame.serial, knobs.condition, knobs.all_greedy) + tuple(shape(x) for x in dynamic)
 
 
-class CanvasGraph:
-    """A callable replacing `DiffusionGemma.denoise` that captures the step once per canvas."""
+def copy_into(target: Any, source: Any) -> None:
+    """Copy every tensor field of dataclass `source` into the same field of `target`."""
+    for f in fields(source):
+        value = getattr(source, f.name)
+        if isinstance(value, torch.Tensor):
+            getattr(target, f.name).copy_(value)
+        elif is_dataclass(value):
+            copy_into(getattr(target, f.name), value)
 
-    def __init__(self, network: Any):
-        self.network = network
-        self.eager = network.denoise
-        self.key: tuple[int, int] | None = None     # (id(cache), cache.length) of the captured canvas
+
+def clone(value: Any) -> Any:
+    """A dataclass of tensors with every tensor cloned (the capture's static inputs)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if is_dataclass(value):
+        return type(value)(**{f.name: clone(getattr(value, f.name)) for f in fields(value)})
+    return value
+
+
+class CapturedStep:
+    """`fn(network, frame, state, knobs)` replayed from a CUDA graph per step key."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.key: tuple | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.canvas = self.sc = self.logits = None
+        self.inputs: tuple[Any, Any] | None = None
+        self.outputs: Any = None
 
-    def __call__(self, canvas: torch.Tensor, cache: Any, sc_logits: torch.Tensor | None = None) -> torch.Tensor:
-        if sc_logits is None:
-            return self.eager(canvas, cache, None)
-        key = (id(cache), cache.length)
+    def __call__(self, network: Any, frame: Any, state: Any, knobs: Any) -> Any:
+        key = step_key(frame, state, knobs)
         if key != self.key:
-            return self.capture(key, canvas, cache, sc_logits)
-        self.canvas.copy_(canvas)
-        self.sc.copy_(sc_logits)
+            return self.capture(key, network, frame, state, knobs)
+        copy_into(self.inputs[0], state)
+        copy_into(self.inputs[1], knobs)
         self.graph.replay()
-        return self.logits          # valid until the next call (the sampler divides it at once)
+        return self.outputs          # valid until the next call; the engine reads it before then
 
-    def capture(self, key: tuple[int, int], canvas: torch.Tensor, cache: Any, sc_logits: torch.Tensor) -> torch.Tensor:
-        """Warm up on a side stream (returning that result), then capture the step."""
-        self.graph = self.logits = None                       # release the previous canvas's pool
-        self.canvas, self.sc = canvas.clone(), sc_logits.clone()
+    def capture(self, key: tuple, network: Any, frame: Any, state: Any, knobs: Any) -> Any:
+        """Run the step eagerly on a side stream (returning that result), then capture it."""
+        self.graph = self.outputs = None                      # release the previous capture's pool
+        self.inputs = (clone(state), clone(knobs))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            result = self.eager(self.canvas, cache, self.sc).clone()
+            result = clone(self.fn(network, frame, *self.inputs))
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.eager(self.canvas, cache, self.sc)
+            self.outputs = self.fn(network, frame, *self.inputs)
         self.key = key
         return result
-
-
-def use_cuda_graphs(model: Any) -> CanvasGraph:
-    """Route `model`'s canvas steps (a `portable_dg.Model` on the torch backend) through a CUDA graph."""
-    backend = model.backend
-    if getattr(backend, "name", None) != "torch" or backend.device.type != "cuda":
-        raise BackendUnavailable("CUDA graphs need the torch backend on a CUDA device")
-    probe = torch.empty(1, 1, dtype=backend.dtype, device=backend.device)
-    if not grouped_kernel_usable(probe, probe):
-        raise BackendUnavailable(f"CUDA graphs need torch._grouped_mm for {backend.compute_dtype} on this "
-                                 "GPU (bf16 on compute capability >= 8.0, torch >= 2.8)")
-    if not backend.fp8_native and any(isinstance(w, FP8Weight) for w in model.network.weights.values()):
-        raise BackendUnavailable("CUDA graphs with FP8 weights need the FP8 kernels (bf16 compute on "
-                                 "compute capability >= 8.9); the emulation reads group sizes on the host")
-    step = CanvasGraph(model.network)
-    model.network.denoise = step
-    return step

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -19,17 +18,17 @@ import click
 @click.option("--repeat", type=int, default=3, show_default=True, help="Measured runs.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Discarded runs first.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences denoised together.")
 @click.option("--compare", type=click.Choice(["transformers"]), default=None,
               help="Also run transformers on the same checkpoint and settings; print the ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema portable_dg.bench/1).")
 def bench(model_path: str, backend: str, quant: str | None, prompt_len: int, new_tokens: int, steps: str,
-          repeat: int, warmup: int, seed: int, compare: str | None, as_json: bool) -> None:
+          repeat: int, warmup: int, seed: int, batch: int, compare: str | None, as_json: bool) -> None:
     """Benchmark generation: visible and canvas tok/s, steps per canvas, time to first canvas,
     prefill tok/s, ms per denoising step, peak memory; medians with min and max."""
     from ..bench import BenchSettings, benchmark, format_table
 
     settings = BenchSettings(prompt_len=prompt_len, new_tokens=new_tokens, steps=steps, repeat=repeat,
-                             warmup=warmup, seed=seed)
-    report = benchmark(model_path, backend, quant, settings, compare=compare,
-                       progress=sys.stderr.isatty() and not as_json).to_dict()
+                             warmup=warmup, seed=seed, batch=batch)
+    report = benchmark(model_path, backend, quant, settings, compare=compare, progress=True).to_dict()
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))

@@ -110,7 +110,7 @@ def test_windowed_causal_attention_mask():
     backend = portable_dg.backends.get_backend("torch")
     numpy_backend = portable_dg.backends.get_backend("numpy")
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((5, 4, 8), (9, 2, 8), (9, 2, 8)))
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 5, 4, 8), (2, 9, 2, 8), (2, 9, 2, 8)))
     for shift, window in ((4, None), (4, 3), (0, 2)):
         expected = numpy_backend.attention(q, k, v, causal_shift=shift, window=window)
         got = backend.attention(*(torch.from_numpy(a) for a in (q, k, v)), causal_shift=shift, window=window)
@@ -133,11 +133,29 @@ def test_bad_options(options, message):
         portable_dg.backends.get_backend("torch", **options)
 
 
-def test_cuda_graphs_need_cuda(tiny_a):
-    from portable_dg.backends.torch.graphs import use_cuda_graphs
+def test_graph_keys_never_meet_a_freed_frame(tiny_model):
+    """Captured steps are keyed by frame serials: a new frame never replays an old graph, even when
+    Python gives it the memory (the id()) of a freed one, which an id()-based key would reuse."""
+    from portable_dg.backends.torch.graphs import step_key
+    from portable_dg.sampler import StepKnobs, StepState
 
-    with pytest.raises(BackendUnavailable, match="CUDA device"):
-        use_cuda_graphs(portable_dg.load(tiny_a, backend="torch"))
+    model = tiny_model("a")
+    network, L = model.network, model.canvas_length
+    cache = network.make_cache(1, 64)
+    network.encode(np.arange(1, 9)[None], cache, [0])
+    state = StepState(np.zeros((1, L), np.int64), None, np.zeros((1, 1, L), np.int64))
+    knobs = StepKnobs(*[None] * len(StepKnobs.__dataclass_fields__))
+    knobs.condition, knobs.all_greedy = True, False
+    seen: dict[int, tuple] = {}
+    for _ in range(200):
+        frame = network.frame(cache, [0], L, decoder=True)
+        key = step_key(frame, state, knobs)
+        if id(frame) in seen:
+            assert seen[id(frame)] != key
+            return
+        seen[id(frame)] = key
+        del frame
+    pytest.fail("Python never reused a frame's id: the test could not exercise the reuse")
 
 
 # torch.compile of the elementwise pieces takes about 155 s on two CPU cores: run with PDG_SLOW=1.
