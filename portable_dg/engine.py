@@ -411,11 +411,13 @@ def generate_batch(model: Any, prompts: Seq[Seq[int] | np.ndarray], *, max_batch
 
 
 def per_prompt(name: str, value: Any, i: int, n: int) -> Any:
-    """Prompt i's value of an option given once for all or as a list of n."""
-    nested = name in ("start_canvas", "pinned")
-    if isinstance(value, (list, tuple)) and (not nested or (value and isinstance(value[0], (list, tuple, dict,
-                                                                                          np.ndarray)))):
-        if len(value) != n:
-            raise ConfigError(f"{name}: {len(value)} values for {n} prompts")
-        return value[i]
-    return value
+    """Prompt i's value of an option given once for all or as a list of n.  `start_canvas` and
+    `pinned` are lists themselves: theirs is per prompt when every entry is None or a container."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if name in ("start_canvas", "pinned") and not all(
+            v is None or isinstance(v, (list, tuple, dict, np.ndarray)) for v in value):
+        return value
+    if len(value) != n:
+        raise ConfigError(f"{name}: {len(value)} values for {n} prompts")
+    return value[i]
