@@ -252,7 +252,7 @@ def preprocess(images: Sequence[Any], config: ImageProcessorConfig) -> ImageBatc
         patches = patchify(pixels, config.patch_size)                 # [hp * wp, p * p * 3]
         hp, wp = pixels.shape[1] // config.patch_size, pixels.shape[2] // config.patch_size
         if len(patches) > config.max_patches or hp % config.pooling_kernel_size or wp % config.pooling_kernel_size:
-            raise ImageError(f"image {index}: {pixels.shape[2]}x{pixels.shape[1]} pixels do not fit "
+            raise ImageError(f"image {index + 1}: {pixels.shape[2]}x{pixels.shape[1]} pixels do not fit "
                              f"do_resize=false: sides must be multiples of pooling_kernel_size * patch_size "
                              f"= {config.pooling_kernel_size * config.patch_size} and hold at most "
                              f"{config.max_patches} patches")
@@ -282,7 +282,7 @@ def _to_array(image, config: ImageProcessorConfig, index: int) -> np.ndarray:
     if config.do_convert_rgb:
         image = _to_rgb(image)
     elif image.mode != "RGB":
-        raise ImageError(f"image {index}: mode {image.mode} with do_convert_rgb=false; expected an RGB image")
+        raise ImageError(f"image {index + 1}: mode {image.mode} with do_convert_rgb=false; expected an RGB image")
     if config.do_resize:
         height, width = resized_size(image.height, image.width, config)
         if (height, width) != (image.height, image.width):

@@ -140,7 +140,7 @@ class Processor:
                 raise PortableDGError(f"the prompt contains {other}: this model reads text and images only")
         if self.tokens is None:
             if n_images:
-                raise ConfigError(self.no_images_reason or "this checkpoint cannot take images")
+                raise ConfigError(self.no_images_reason)
             return
         found = text.count(self.tokens.image)
         if found != n_images:

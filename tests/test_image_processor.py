@@ -11,13 +11,13 @@ import zlib
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from portable_dg.errors import ConfigError
 from portable_dg.image_processor import (ImageError, ImageProcessorConfig, load_image, preprocess,
                                          resized_size)
 from tiny import TINY_IMAGE_GEOMETRIES
 
-Image = pytest.importorskip("PIL.Image")
 
 # (height, width): upsampled, downsampled, tall, exactly fitting, and so thin that one side rounds to 0
 SIZES = [(37, 61), (300, 180), (90, 20), (48, 80), (3, 700)]
@@ -82,6 +82,21 @@ def test_released_geometry_and_options_match_transformers(settings):
     images = [synthetic(240, 320, seed=3), synthetic(500, 90, seed=4)]
     ours = preprocess(images, ImageProcessorConfig.from_dict(settings))
     assert_same_batch(ours, hf_image_processor(**settings)(images, return_tensors="np"))
+
+
+def test_without_resize_or_rgb_conversion():
+    """do_resize=false takes images whose sides are multiples of k * patch_size within the budget, as
+    transformers does; others, and non-RGB images under do_convert_rgb=false, are refused."""
+    settings = dict(TINY_IMAGE_GEOMETRIES["p4k2"]["image"], do_resize=False, do_convert_rgb=False)
+    images = [synthetic(48, 64, seed=1), synthetic(8, 24, seed=2)]
+    config = ImageProcessorConfig(**settings)
+    assert_same_batch(preprocess(images, config), hf_image_processor(**settings)(images, return_tensors="np"))
+    for image, expected in ((synthetic(50, 64), "64x50 pixels are not a whole number of 4x4 patches"),
+                            (synthetic(4, 64), "image 1: 64x4 pixels do not fit do_resize=false"),
+                            (synthetic(96, 96), "image 1: 96x96 pixels do not fit"),
+                            (synthetic(8, 8, mode="L"), "image 1: mode L with do_convert_rgb=false")):
+        with pytest.raises(ImageError, match=expected):
+            preprocess([image], config)
 
 
 def test_resized_size_matches_transformers():

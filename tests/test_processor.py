@@ -193,3 +193,13 @@ def test_tokenizer_without_image_tokens(tmp_path):
     assert processor("hello world").input_ids.tolist() == processor.tokenizer.encode("hello world")
     with pytest.raises(ConfigError, match=re.escape("the tokenizer has no <|image|>, <|image>, <image|> token")):
         processor("<|image|>", [synthetic(8, 8)])
+
+
+def test_placeholder_that_is_not_one_token(tmp_path):
+    """A tokenizer that knows <|image|> but splits it in text would misplace the image features."""
+    write_checkpoint(tmp_path, "p4k2")
+    tokenizer = json.loads((tmp_path / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["content"] != "<|image|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ConfigError, match=re.escape("it must keep <|image|> as one special token")):
+        Processor.from_directory(tmp_path)("<|image|>", [synthetic(20, 20)])
