@@ -257,3 +257,91 @@ def margins(recording: Recording) -> Margins:
         top2 = np.sort(call.logits[matter], axis=-1)[:, -2:]
         argmax_gap = min(argmax_gap, float((top2[:, 1] - top2[:, 0]).min()))
     return Margins(argmax_gap, float(entropy_gap))
+
+
+# --- Image prompts (the vision path) ---
+
+
+def load_hf_processor(path: str | Path):
+    """transformers' Gemma4Processor for a directory written by `tiny.write_tiny_processor` (or a
+    checkpoint): its tokenizer and chat template, the PIL image backend (Gemma4ImageProcessorPil)
+    and no video processor.  The video processor and the torchvision image backend need torchvision,
+    which has no CPU build for torch 2.13.0 here; without torchvision, transformers' own
+    AutoProcessor picks the same PIL backend."""
+    import json
+
+    from transformers import AutoTokenizer
+    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil, Gemma4Processor
+
+    class Gemma4ProcessorWithoutVideo(Gemma4Processor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    settings = json.loads(Path(path, "processor_config.json").read_text())
+    return Gemma4ProcessorWithoutVideo(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=Gemma4ImageProcessorPil.from_pretrained(str(path)), tokenizer=tokenizer,
+        video_processor=None, chat_template=tokenizer.chat_template,
+        image_seq_length=settings.get("image_seq_length", 280))
+
+
+@single_threaded
+def hf_image_logits(model, inputs, canvas: Sequence[int], block: Sequence[int], temperature: float,
+                    self_conditioning: np.ndarray | None = None) -> Steps:
+    """Spec §7.2 on an image prompt, run the way transformers' `generate` runs it: the parity
+    oracle for the vision path.
+
+    The prompt goes through the encoder once, with pixel_values, image_position_ids and
+    mm_token_type_ids and with the masks `generate` prepares (`_prepare_encoder_inputs`): tokens
+    of one image attend to each other bidirectionally, on full and sliding layers.  (Calling the
+    encoder's forward without prepared masks would silently use plain causal masks.)  Decoder calls
+    take the masks `generate` prepares too; the commit of `block` (len(block) == len(canvas)) goes
+    through the encoder as `generate` commits a canvas, without the image inputs.
+
+    inputs: a mapping with input_ids, mm_token_type_ids ([1, T] or [T]), pixel_values and
+        image_position_ids: transformers' processor output (numpy) or `vars(ProcessedPrompt)`.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    dtype = model.model.decoder.embed_tokens.weight.dtype
+    ids = torch.from_numpy(np.atleast_2d(inputs["input_ids"]).astype(np.int64))
+    P, L = ids.shape[1], len(canvas)
+    if len(block) != L:
+        raise ValueError(f"block has {len(block)} ids, canvas {L}: generate commits whole canvases")
+    image_kwargs = dict(pixel_values=torch.from_numpy(np.asarray(inputs["pixel_values"])),
+                        image_position_ids=torch.from_numpy(np.asarray(inputs["image_position_ids"])),
+                        mm_token_type_ids=torch.from_numpy(np.atleast_2d(inputs["mm_token_type_ids"])))
+    canvas_t = torch.tensor([list(canvas)])
+
+    def positions(start: int, length: int) -> torch.Tensor:
+        return torch.arange(start, start + length, dtype=torch.int32)[None]
+
+    def encode(all_ids: torch.Tensor, start: int, is_prefill: bool, **kwargs) -> None:
+        new_ids, masks = model._prepare_encoder_inputs(
+            input_ids=all_ids, attention_mask=torch.ones_like(all_ids, dtype=torch.bool),
+            encoder_position_ids=positions(start, all_ids.shape[1] - start), past_key_values=cache,
+            is_prefill=is_prefill, canvas_length=L, batch_size=1, **kwargs)
+        model.model.encoder(input_ids=new_ids, attention_mask=masks, past_key_values=cache,
+                            position_ids=positions(start, new_ids.shape[1]), **kwargs)
+
+    def decode(position: int, sc: torch.Tensor | None) -> np.ndarray:
+        masks = model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=model.config, inputs_embeds=canvas_t.unsqueeze(-1), past_key_values=cache,
+            decoder_attention_mask=torch.ones((1, position + L), dtype=torch.bool))
+        out = model(decoder_input_ids=canvas_t, self_conditioning_logits=sc, decoder_attention_mask=masks,
+                    past_key_values=cache, decoder_position_ids=positions(position, L))
+        return out.logits[0].double().numpy()
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        encode(ids, 0, True, **image_kwargs)
+        plain = decode(P, None)
+        sc = plain / temperature if self_conditioning is None else self_conditioning
+        conditioned = decode(P, torch.from_numpy(np.asarray(sc)).to(dtype)[None])
+        encode(torch.cat([ids, torch.tensor([list(block)])], dim=1), P, False)
+        after = decode(P + L, None)
+    return Steps(plain, conditioned, after)

@@ -74,3 +74,137 @@ def build_tiny(path: str | Path, name: str = "a", seed: int = 0, dtype: str = "f
 def tiny_prompt(length: int, vocab_size: int) -> list[int]:
     """A deterministic prompt: BOS, then `length - 1` ids spread over the vocabulary."""
     return [2] + [(7 * i + 11) % vocab_size for i in range(length - 1)]
+
+
+# --- Tiny multimodal checkpoints: a vision tower plus the tokenizer, chat template and processor
+# --- config a released checkpoint carries (for the image parity tests).
+
+# Gemma 4's named special tokens, as the release's tokenizer_config.json names them.
+GEMMA4_SPECIAL_TOKENS = {
+    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+    "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+    "sot_token": "<|turn>", "eot_token": "<turn|>", "soc_token": "<|channel>", "eoc_token": "<channel|>",
+    "think_token": "<|think|>",
+}
+
+# The shape of Gemma 4's chat template for text and image parts: a system turn (with <|think|> when
+# thinking), turns opened by <|turn>ROLE and closed by <turn|>, text parts trimmed, each image part a
+# <|image|> placeholder; images in the system turn are dropped, as the release's template drops them.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set loop_messages = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ '<|turn>system\\n' }}{%- if enable_thinking -%}{{ '<|think|>\\n' }}{%- endif -%}"
+    "{%- if messages[0]['content'] is string -%}{{ messages[0]['content'] | trim }}"
+    "{%- else -%}{%- for item in messages[0]['content'] if item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endfor -%}{%- endif -%}{{ '<turn|>\\n' }}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- elif enable_thinking -%}{{ '<|turn>system\\n<|think|>\\n<turn|>\\n' }}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{{ '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- elif item['type'] == 'image' -%}{{ '<|image|>' }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ '<turn|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
+)
+
+# Two image geometries (patch size, pooling kernel k, soft-token budget) with vision towers to match.
+# position_embedding_size covers the longest side a thin image can get: max_soft_tokens * k patches.
+TINY_IMAGE_GEOMETRIES = {
+    "p4k2": dict(image=dict(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70),
+                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                             position_embedding_size=160)),
+    "p2k3": dict(image=dict(patch_size=2, pooling_kernel_size=3, max_soft_tokens=70),
+                 vision=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=3, num_key_value_heads=3, head_dim=8,
+                             position_embedding_size=224)),
+}
+
+TINY_CORPUS = ["Describe this image in one sentence.", "What is in the picture? A red square, a blue circle.",
+               "Compare the two images and tell me which one is larger.", "hello world, the model denoises"]
+
+
+def tiny_gemma4_tokenizer():
+    """A Gemma-style BPE tokenizer (transformers' GemmaTokenizer, vocabulary about 160) with Gemma 4's
+    special tokens and TINY_CHAT_TEMPLATE; ids 0-4 are <pad> <eos> <bos> <unk> <mask>."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *GEMMA4_SPECIAL_TOKENS.values(), "<|video|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.normalizer = normalizers.Replace(" ", "▁")          # GemmaTokenizer's normalizer
+    bpe.train_from_iterator(TINY_CORPUS * 20, trainers.BpeTrainer(vocab_size=160, special_tokens=specials,
+                                                                  show_progress=False))
+    trained = json.loads(bpe.to_str())["model"]
+    tokenizer = GemmaTokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
+                               add_bos_token=False, extra_special_tokens=dict(GEMMA4_SPECIAL_TOKENS),
+                               chat_template=TINY_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|video|>"]})
+    return tokenizer
+
+
+def write_tiny_processor(path: str | Path, geometry: str = "p4k2", **image_options) -> None:
+    """Save the tokenizer files, chat_template.jinja and processor_config.json (its image_processor
+    section written by transformers' Gemma4ImageProcessorPil.to_dict) into `path`."""
+    import json
+
+    from transformers.models.gemma4 import Gemma4ImageProcessorPil
+
+    path = Path(path)
+    tiny_gemma4_tokenizer().save_pretrained(str(path))
+    image = Gemma4ImageProcessorPil(**{**TINY_IMAGE_GEOMETRIES[geometry]["image"], **image_options})
+    config = {"image_processor": image.to_dict(), "image_seq_length": image.max_soft_tokens,
+              "processor_class": "Gemma4Processor"}
+    (path / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build_tiny_multimodal(path: str | Path, name: str = "a", geometry: str = "p4k2", seed: int = 0,
+                          dtype: str = "float32"):
+    """Save a tiny DiffusionGemma with a vision tower of `geometry` and the processor files to `path`.
+
+    The text model is `build_tiny(path, name, seed)`'s; the vision tower has random weights at an
+    O(1) scale, random position embeddings and standardization (std_bias, std_scale), like the
+    release (which standardizes and has no clipped linears).  Returns the torch model."""
+    import torch
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    text_model = build_tiny(path, name, seed=seed)
+    write_tiny_processor(path, geometry)
+    tokenizer = tiny_gemma4_tokenizer()
+    ids = {key: tokenizer.convert_tokens_to_ids(GEMMA4_SPECIAL_TOKENS[token])
+           for key, token in (("image_token_id", "image_token"), ("boi_token_id", "boi_token"),
+                              ("eoi_token_id", "eoi_token"))}
+    geo = TINY_IMAGE_GEOMETRIES[geometry]
+    vision = dict(model_type="gemma4_vision", patch_size=geo["image"]["patch_size"],
+                  pooling_kernel_size=geo["image"]["pooling_kernel_size"], standardize=True,
+                  use_clipped_linears=False, **geo["vision"])
+    config = DiffusionGemmaConfig(canvas_length=text_model.config.canvas_length,
+                                  text_config=text_model.config.text_config.to_dict(),
+                                  vision_config=vision, **ids)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    multimodal = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+    text_state = {k: v for k, v in text_model.state_dict().items() if not k.startswith(multimodal)}
+    missing, unexpected = model.load_state_dict(text_state, strict=False)
+    assert not unexpected and all(k.startswith(multimodal) for k in missing), (missing, unexpected)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in [*model.model.encoder.vision_tower.named_parameters(prefix="vision"),
+                     *model.model.encoder.embed_vision.named_parameters(prefix="embed")]:
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+        tower = model.model.encoder.vision_tower
+        tower.std_bias.copy_(0.1 * torch.randn(tower.std_bias.shape, generator=generator))
+        tower.std_scale.copy_(1 + 0.2 * torch.randn(tower.std_scale.shape, generator=generator))
+    model.generation_config = text_model.generation_config
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(str(path))
+    return model
