@@ -10,6 +10,10 @@ from typing import Any
 
 from portable_dg.errors import BackendUnavailable, ConfigError
 
+# Parameters from which the CPU path is torch rather than numpy (numpy widens every weight to float32
+# and runs op by op: right for the small models, too slow and too big for released ones).
+LARGE_MODEL = 500_000_000
+
 BACKENDS = {
     "numpy": "portable_dg.backends.numpy",
     "mlx": "portable_dg.backends.mlx",
@@ -30,6 +34,32 @@ def get_backend(name: str, **options: Any):
         raise BackendUnavailable(f"backend {name!r} needs the package {e.name!r}: "
                                  f"pip install 'portable-dg[{name}]'") from None
     return module.create(**options)
+
+
+def auto_backend(source: Any) -> tuple[str, dict[str, Any]]:
+    """The backend (name, options) `--backend auto` picks for a checkpoint on this machine.
+
+    GGUF -> ggml (its quantized kernels); an MLX directory on Apple Silicon -> mlx; CUDA visible ->
+    torch in bfloat16; otherwise the best CPU path: numpy for small models (its per-op overhead
+    is the lowest), torch (bfloat16 when the checkpoint is) for large ones.  Without the package a
+    choice needs, numpy (which reads every format)."""
+    import platform
+    import sys
+
+    if source.format == "gguf" and available("ggml"):
+        return "ggml", {}
+    if source.format == "mlx" and sys.platform == "darwin" and platform.machine() == "arm64" and available("mlx"):
+        return "mlx", {}
+    if source.format in ("hf", "fp8") and available("torch"):
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch", {"device": "cuda", "dtype": "bfloat16"}
+        total, _ = source.config.parameter_counts()
+        if total >= LARGE_MODEL:
+            bf16 = "BF16" in source.metadata.get("dtypes", ()) or source.format == "fp8"
+            return "torch", {"dtype": "bfloat16" if bf16 else "float32"}
+    return "numpy", {}
 
 
 def available(name: str) -> bool:

@@ -29,6 +29,10 @@ DEC = "model.decoder."
 ENC_SCALAR = "model.encoder.language_model.layers.{i}.layer_scalar"
 # Full-attention cache slots are added in multiples of this many positions (one copy per growth).
 CACHE_CHUNK = 1024
+# Attention scores (query tokens x keys x heads) one encoder chunk may make: long prompts are encoded
+# in chunks of at most this many scores (at least PREFILL_MIN tokens each).
+PREFILL_SCORES = 1 << 26
+PREFILL_MIN = 64
 # Serial numbers of frames: what a captured step is keyed by (never an object's id()).
 FRAME_SERIALS = itertools.count()
 
@@ -363,13 +367,21 @@ class DiffusionGemma:
     # --- the two passes --------------------------------------------------------------------
     def encode(self, ids: np.ndarray, cache: KVCache, rows: Sequence[int]) -> None:
         """Causal pass over ids [B, T] (host), row b at positions lengths[rows[b]]..+T-1, appending
-        their keys and values to those cache rows."""
+        their keys and values to those cache rows; long inputs go in chunks that bound the
+        attention scores (chunked prefill)."""
         ids = np.asarray(ids, np.int64)
-        frame = self.frame(cache, rows, ids.shape[1], decoder=False)
-        x = self.embed(self.backend.asarray(ids))
-        for i in range(self.config.num_hidden_layers):
-            x = self.layer(i, x, frame, cache)
-        cache.lengths[list(rows)] += ids.shape[1]
+        rows = list(rows)
+        done = 0
+        while done < ids.shape[1]:
+            context = int(cache.lengths[rows].max()) + ids.shape[1]              # keys of the last chunk
+            step = max(PREFILL_MIN, PREFILL_SCORES // (self.config.num_attention_heads * context))
+            chunk = ids[:, done:done + step]
+            frame = self.frame(cache, rows, chunk.shape[1], decoder=False)
+            x = self.embed(self.backend.asarray(chunk))
+            for i in range(self.config.num_hidden_layers):
+                x = self.layer(i, x, frame, cache)
+            cache.lengths[rows] += chunk.shape[1]
+            done += chunk.shape[1]
 
     def denoise(self, canvas: Array, frame: Frame, soft: Array | None = None) -> Array:
         """Bidirectional pass over canvases [B, L] (device ids) in a decoder frame -> float32 logits

@@ -44,6 +44,22 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class BF16Tensor:
+    """A bfloat16 tensor as stored (uint16 bit patterns, memory-mapped), for backends that keep
+    bfloat16 weights as they are; `dequantize()` widens it to float32 for the others."""
+
+    bits: np.ndarray            # uint16 [*shape]
+    qtype = "bf16"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    def dequantize(self) -> np.ndarray:
+        return bf16_to_f32(self.bits)
+
+
+@dataclass
 class TensorRef:
     """A tensor inside a safetensors file, read on demand through a memory map."""
 
@@ -68,6 +84,10 @@ class TensorRef:
                                   f"expected one of {', '.join(FLOAT_DTYPES)}")
         data = self.raw()
         return bf16_to_f32(data) if self.dtype == "BF16" else data
+
+    def stored(self) -> np.ndarray | BF16Tensor:
+        """`load()`, except that bfloat16 stays bfloat16 (a BF16Tensor): no float32 copy on the host."""
+        return BF16Tensor(self.raw()) if self.dtype == "BF16" else self.load()
 
 
 def open_safetensors(path: str | Path) -> dict[str, TensorRef]:

@@ -10,6 +10,7 @@ A Context is one sequence over a one-row KV cache; `portable_dg.engine.Engine` r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +34,8 @@ class Model:
         self.config: DiffusionGemmaConfig = source.config
         self.generation_config: GenerationConfig = source.generation
         self.tokenizer: Tokenizer | None = source.tokenizer
-        weights = {name: backend.weight(name, source.tensors[name]) for name in source.tensors}
+        stored = getattr(source.tensors, "stored", source.tensors.__getitem__)
+        weights = {name: backend.weight(name, stored(name)) for name in source.tensors}
         self.network = DiffusionGemma(self.config, weights, backend)
 
     @property
@@ -118,16 +120,71 @@ class Context:
 
 
 def load(path_or_repo_id: str | Path, backend: str | Backend = "numpy", max_context: int = 0,
-         **backend_options: Any) -> Model:
+         check_memory: bool = True, **backend_options: Any) -> Model:
     """Load a checkpoint (HF directory, GGUF file, MLX directory or hub repo id) onto a backend.
 
-    backend: a name ("numpy", "mlx", "ggml", "torch") or a Backend instance; backend_options go
-    to the backend's factory (e.g. dtype="float64" for numpy, device="cuda" for torch).
-    max_context: KV cache positions to preallocate per sequence (it grows in chunks beyond)."""
-    from .backends import get_backend
+    backend: "auto" (`portable_dg.backends.auto_backend`), a name ("numpy", "mlx", "ggml",
+    "torch") or a Backend instance; backend_options go to the backend's factory (e.g.
+    dtype="float64" for numpy, device="cuda" for torch) and override auto's choices.
+    max_context: KV cache positions to preallocate per sequence (it grows in chunks beyond).
+    check_memory: refuse, with the alternatives, a load whose weights would not fit in memory."""
+    from .backends import auto_backend, get_backend
 
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 0:
         raise ConfigError(f"max_context must be a non-negative integer, got {max_context!r}")
     source = open_source(path_or_repo_id)
+    if backend == "auto":
+        backend, chosen = auto_backend(source)
+        backend_options = {**chosen, **backend_options}
     instance = get_backend(backend, **backend_options) if isinstance(backend, str) else backend
+    if check_memory:
+        check_fits(source, instance)
     return Model(source, instance, max_context)
+
+
+def check_fits(source: ModelSource, backend: Backend) -> None:
+    """Raise ConfigError when the backend's copy of the weights would not fit in the memory it
+    loads them into (the host's available memory, or the GPU's), naming the alternatives."""
+    need = weight_bytes(source, backend)
+    have, where = available_memory(backend)
+    if have is None or need <= 0.9 * have:
+        return
+    gib = 2 ** 30
+    raise ConfigError(
+        f"{source.path}: the weights need about {need / gib:.1f} GiB on the {backend.name} backend "
+        f"({backend.compute_dtype}), more than the {have / gib:.1f} GiB of {where} available; convert to "
+        f"GGUF (pdg convert MODEL out.gguf --to gguf --quant Q4_K_M) and use the ggml backend, or use "
+        f"--backend torch --dtype bfloat16 (pass check_memory=False to try anyway)")
+
+
+def weight_bytes(source: ModelSource, backend: Backend) -> int:
+    """Bytes of the backend's copy of the weights when it converts them to its compute dtype (0 when
+    it keeps this format's quantized tensors as they are: they take at most the file's size)."""
+    import importlib
+
+    module = importlib.import_module(type(backend).__module__)
+    if source.format != "hf" and source.format in getattr(module, "FORMATS", ()):
+        return 0
+    itemsize = 2 if backend.compute_dtype in ("bfloat16", "float16") else np.dtype(backend.compute_dtype).itemsize
+    refs = getattr(source.tensors, "refs", source.tensors)
+    return sum(int(np.prod(refs[name].shape, dtype=np.int64)) for name in source.tensors) * itemsize
+
+
+def available_memory(backend: Backend) -> tuple[int | None, str]:
+    """(bytes, "where") the backend's weights go: a CUDA device's free memory, else the host's."""
+    device = getattr(backend, "device", None)
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"GPU memory on {device}"
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable"), "host memory"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+    except (ValueError, OSError, AttributeError):
+        return None, "host memory"

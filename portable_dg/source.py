@@ -69,6 +69,11 @@ class LazyTensors(abc.Mapping):
         value = self.refs[name]
         return value.load() if hasattr(value, "load") else value
 
+    def stored(self, name: str) -> Any:
+        """The tensor as stored: like [name], but bfloat16 comes as a BF16Tensor (see checkpoint)."""
+        value = self.refs[name]
+        return value.stored() if hasattr(value, "stored") else self[name]
+
     def __iter__(self):
         return iter(self.refs)
 

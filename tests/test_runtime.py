@@ -114,3 +114,29 @@ def test_bad_backend_choice(tiny_a, backend, options, words):
         portable_dg.load(tiny_a, backend=backend, **options)
     assert words in str(e.value)
 
+
+
+def test_long_prompts_are_encoded_in_chunks(tiny_model, monkeypatch):
+    """Chunked prefill (a bound on the attention scores per encoder pass) gives the one-pass result."""
+    from portable_dg.models import diffusion_gemma
+
+    model = tiny_model("a")
+    prompt, canvas = tiny_prompt(150, V), (37 * np.arange(L) + 5) % V
+    whole = model.start(prompt).denoise(canvas)
+    calls = []
+    layer = model.network.layer
+    monkeypatch.setattr(diffusion_gemma, "PREFILL_SCORES", 4 * 64 * 40)      # 64-token chunks here
+    monkeypatch.setattr(model.network, "layer", lambda i, x, *a: (calls.append(x.shape[1]), layer(i, x, *a))[1])
+    chunked = model.start(prompt)
+    assert sorted(set(calls)) == [22, 64]                                    # 64 + 64 + 22 tokens
+    np.testing.assert_allclose(chunked.denoise(canvas), whole, atol=2e-5)
+
+
+def test_auto_backend_and_the_memory_check(tiny_a, monkeypatch):
+    from portable_dg import runtime
+
+    assert portable_dg.load(tiny_a, backend="auto").backend.name == "numpy"     # small: numpy on a CPU
+    monkeypatch.setattr(runtime, "available_memory", lambda backend: (1 << 20, "host memory"))
+    with pytest.raises(ConfigError, match=r"need about .* GiB on the numpy backend .* convert to GGUF"):
+        portable_dg.load(tiny_a)
+    assert portable_dg.load(tiny_a, check_memory=False).backend.name == "numpy"

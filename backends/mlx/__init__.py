@@ -106,12 +106,15 @@ class MLXBackend:
                                 value.group_size, value.bits, value.mode)
             mx.eval(w.weight, w.scales, *([] if w.biases is None else [w.biases]))
             return w
-        if hasattr(value, "dequantize"):       # another format's quantized tensor (GGUF, ...)
-            value = value.dequantize()
-        array = mx.array(np.asarray(value, np.float32))
+        if getattr(value, "qtype", None) == "bf16":
+            array = mx.array(value.bits).view(mx.bfloat16)      # no float32 copy on the host
+        else:
+            if hasattr(value, "dequantize"):   # another format's quantized tensor (GGUF, ...)
+                value = value.dequantize()
+            array = mx.array(np.asarray(value, np.float32))
         # float experts [E, out, in] stay float32 on the CPU, whose gather_mm kernel is float32 only
-        if not (array.ndim == 3 and mx.default_device().type == mx.cpu):
-            array = array.astype(self.dtype)
+        cpu_experts = array.ndim == 3 and mx.default_device().type == mx.cpu
+        array = array.astype(mx.float32 if cpu_experts else self.dtype)
         mx.eval(array)
         return array
 

@@ -15,7 +15,6 @@ graph once per batch change and replayed (`graphs.py`); compile=True runs the st
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,14 +31,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Elements of a [rows, V] temporary the sampler ops and the soft lookup make at once (row chunks).
 ROW_CHUNK = 1 << 24
 FORMATS = ("hf", "fp8")
-GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * w in float32, returned in `dtype`."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y if w is None else y * w.float()).to(dtype)
+    """x * rsqrt(mean(x^2) + eps) * w in float32 (torch's fused kernel), returned in `dtype`."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None if w is None else w.float(), eps).to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -49,8 +45,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1.0 + torch.tanh(GELU_C * (x + 0.044715 * x * x * x)))
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's fused kernel, as transformers'
+    gelu_pytorch_tanh."""
+    return F.gelu(x, approximate="tanh")
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -91,6 +88,8 @@ class TorchBackend:
     def weight(self, name: str, value: Any) -> torch.Tensor | FP8Weight:
         if getattr(value, "qtype", None) == "fp8_e4m3" and hasattr(value, "piece_arrays"):
             return fp8.load_fp8(value, self.device)
+        if getattr(value, "qtype", None) == "bf16":       # bfloat16 bits go to the device as they are
+            return host_tensor(value.bits).view(torch.bfloat16).to(self.device, self.dtype)
         if hasattr(value, "dequantize"):          # another format's quantized tensor
             value = value.dequantize()
         return host_tensor(np.asarray(value)).to(self.device, self.dtype)

@@ -60,7 +60,9 @@ class DraftView:
 @click.command()
 @click.option("--model", "model_path", default=None,
               help="Checkpoint directory, .gguf file or hub repo id (default: the bundled model).")
-@click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto, numpy, ggml, mlx or torch (auto: GGUF -> ggml, MLX on Apple Silicon -> mlx, "
+                   "CUDA -> torch, else the best CPU path).")
 @click.option("--device", default=None, help="Backend device (torch: cpu or cuda).")
 @click.option("--dtype", default=None, help="Backend compute dtype (numpy: float32 or float64).")
 @click.option("--prompt", default=None, help="Prompt text.")

@@ -79,6 +79,17 @@ def test_bfloat16_within_measured_bounds(tiny_a):
     assert kl <= 0.005 and top1 >= 0.65, (kl, top1)
 
 
+def test_bfloat16_weights_go_to_the_device_as_stored(tiny_dir):
+    """A bf16 checkpoint in bf16: each weight holds the stored bits (no float32 round trip)."""
+    path = tiny_dir("a", "bfloat16")
+    model = portable_dg.load(path, backend="torch", dtype="bfloat16")
+    name = "model.decoder.layers.0.mlp.down_proj.weight"
+    stored = model.source.tensors.stored(name)
+    weight = model.network.weights[name]
+    assert weight.dtype == torch.bfloat16
+    np.testing.assert_array_equal(weight.view(torch.int16).numpy().view(np.uint16), stored.bits)
+
+
 def test_float32_weights_are_the_memory_map(tiny_a):
     """On CPU in float32 a weight is the safetensors memory map itself: no second copy."""
     source = portable_dg.source.open_source(tiny_a)
