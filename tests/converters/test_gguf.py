@@ -437,14 +437,20 @@ def write_gemma_style_tokenizer(path: Path) -> None:
     """A small byte-fallback BPE tokenizer.json shaped like Gemma's, with its chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
 
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=specials, show_progress=False)
+    trained.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 + ["diffusion gemma"] * 20,
+                                trainer)
+    spec = json.loads(trained.to_str())["model"]
+    vocab = spec["vocab"]                             # Gemma keeps its 256 byte tokens in the model's vocabulary
+    vocab.update({f"<0x{i:02X}>": len(vocab) + i for i in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in spec["merges"]], byte_fallback=True,
+                               unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 + ["diffusion gemma"] * 20,
-                            trainer)
-    tok.add_special_tokens([AddedToken("<|turn>", special=True, normalized=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + ["<|turn>"]])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "chat_template": "{{ bos_token }}{% for m in messages %}"
@@ -464,7 +470,9 @@ def test_tokenizer_and_template_travel_in_the_metadata(k256_dir, tmp_path):
     path = convert_to_gguf(src, tmp_path / "tok.gguf", "Q8_0", progress=False)
     fields = decode_fields(open_gguf(path))
     assert fields["tokenizer.ggml.model"] == "gemma4" and fields["tokenizer.ggml.bos_token_id"] == 2
-    assert fields["tokenizer.ggml.token_type"][fields["tokenizer.ggml.tokens"].index("<|turn>")] == 3
+    # an added special token beyond the model's vocabulary that tokenizer_config.json does not name
+    assert fields["tokenizer.ggml.token_type"][fields["tokenizer.ggml.tokens"].index("<|turn>")] == 4
+    assert fields["tokenizer.ggml.token_type"][fields["tokenizer.ggml.tokens"].index("<bos>")] == 3
     original = Tokenizer.from_directory(src)
     text = "the lazy fox: diffusion gemma ünïcödé <|turn>"
     rebuilt = tokenizer_from_metadata({k: v for k, v in fields.items() if k != HF_JSON}, "test")
