@@ -64,7 +64,9 @@ def write_error(e: OSError, output: Path) -> OutputError:
     name = "" if e.filename is None else str(e.filename)
     ours = not name or Path(name) == output or f"/.{output.name}." in f"/{name}"
     reason = e.strerror or str(e) or type(e).__name__
-    return OutputError(f"{output if ours else name}: {reason} (writing {output}; nothing was written)")
+    if ours:
+        return OutputError(f"{output}: cannot write: {reason}; nothing was written")
+    return OutputError(f"{name}: {reason} (while writing {output}; nothing was written)")
 
 
 @contextmanager
