@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .progress import Progress
 
 SCHEMA = "portable_dg.eval/1"
 # Fields two models must share for their canvas distributions to be comparable.
@@ -115,8 +116,8 @@ def prompts_for(settings: EvalSettings, vocab_size: int) -> list[np.ndarray]:
             for _ in range(settings.prompts)]
 
 
-def teacher_forced(model: Any, reference: Any, prompts: list[np.ndarray], settings: EvalSettings
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def teacher_forced(model: Any, reference: Any, prompts: list[np.ndarray], settings: EvalSettings,
+                   bar: Progress) -> tuple[np.ndarray, np.ndarray]:
     """Per-position KL values and top-1 matches over every denoising step of every canvas."""
     from .sampler import default_noise, denoise_canvas
 
@@ -132,7 +133,9 @@ def teacher_forced(model: Any, reference: Any, prompts: list[np.ndarray], settin
             return B.categorical(scaled, B.asarray(sample_rng.random(L, dtype=np.float32)))
 
         for block in range(settings.canvases):
-            committed, _ = denoise_canvas(ctx, cfg, noise(L), block, noise, sample, None, None)
+            committed, steps = denoise_canvas(ctx, cfg, noise(L), block, noise, sample, None,
+                                              lambda info: bar.update(1))
+            bar.update(cfg.max_denoising_steps - steps)          # the steps a canvas that stopped early skips
             if block + 1 < settings.canvases:
                 ctx.commit(committed)
         kl.extend(ctx.kl)
@@ -140,21 +143,25 @@ def teacher_forced(model: Any, reference: Any, prompts: list[np.ndarray], settin
     return np.concatenate(kl), np.concatenate(matches)
 
 
-def adaptive_steps(model: Any, prompts: list[np.ndarray], settings: EvalSettings) -> float:
+def adaptive_steps(model: Any, prompts: list[np.ndarray], settings: EvalSettings, bar: Progress) -> float:
     """Mean denoising steps per canvas of the adaptive sampler over the prompts."""
     from .sampler import generate
 
+    budget = settings.steps or model.generation_config.max_denoising_steps
     steps: list[int] = []
     for i, prompt in enumerate(prompts):
         out = generate(model, prompt, max_new_tokens=settings.canvases * model.canvas_length,
-                       max_denoising_steps=settings.steps, seed=settings.seed + i)
+                       max_denoising_steps=settings.steps, seed=settings.seed + i, on_step=lambda info: bar.update(1))
         steps.extend(out.steps)
+        bar.update(budget * settings.canvases - sum(out.steps))  # early stops, and canvases after an EOS
     return float(np.mean(steps))
 
 
 def evaluate(model_path: str | Path, reference_path: str | Path, backend: str = "numpy",
-             reference_backend: str = "numpy", settings: EvalSettings | None = None) -> dict[str, Any]:
-    """Load both models and measure the model against the reference (see the module docstring)."""
+             reference_backend: str = "numpy", settings: EvalSettings | None = None, *,
+             progress: bool = False) -> dict[str, Any]:
+    """Load both models and measure the model against the reference (see the module docstring);
+    `progress` reports denoising steps on stderr."""
     from .runtime import load
 
     settings = settings or EvalSettings()
@@ -162,8 +169,11 @@ def evaluate(model_path: str | Path, reference_path: str | Path, backend: str = 
     model = load(model_path, backend=backend)
     check_comparable(model, reference)
     prompts = prompts_for(settings, reference.config.vocab_size)
-    kl, matches = teacher_forced(model, reference, prompts, settings)
-    ours, theirs = adaptive_steps(model, prompts, settings), adaptive_steps(reference, prompts, settings)
+    per_pass = settings.prompts * settings.canvases
+    budgets = [settings.steps or m.generation_config.max_denoising_steps for m in (reference, model, reference)]
+    with Progress(per_pass * sum(budgets), "eval", "step", enabled=progress) as bar:
+        kl, matches = teacher_forced(model, reference, prompts, settings, bar)
+        ours, theirs = adaptive_steps(model, prompts, settings, bar), adaptive_steps(reference, prompts, settings, bar)
     return {"schema": SCHEMA, "model": str(model_path), "backend": model.backend.name,
             "reference": str(reference_path), "reference_backend": reference.backend.name,
             "settings": asdict(settings), "positions": int(kl.size), "kl": kl_summary(kl),
