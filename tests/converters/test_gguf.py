@@ -429,6 +429,59 @@ def test_absurd_sizes_are_not_allocated(gguf_of, tmp_path):
     (tmp_path / "dims.gguf").write_bytes(data[:dims_at] + struct.pack("<Q", 1 << 40) + data[dims_at + 8:])
     with pytest.raises(FormatError):
         read_gguf(tmp_path / "dims.gguf")
+    # its second dimension overwritten with 0xFFFFFFFF: a row count no file can hold
+    rows_at = dims_at + 8
+    (tmp_path / "ffff.gguf").write_bytes(data[:rows_at] + struct.pack("<Q", 0xFFFFFFFF) + data[rows_at + 8:])
+    with pytest.raises(FormatError, match=f"truncated: tensor {first.parts[1].tobytes().decode()} needs bytes"):
+        read_gguf(tmp_path / "ffff.gguf")
+
+
+@pytest.fixture(scope="module")
+def synthetic_gguf(tmp_path_factory) -> Path:
+    """`pdg synth --like tiny` (a byte-level tokenizer of 512 tokens) as a Q8_0 GGUF."""
+    from portable_dg.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    return convert_to_gguf(write_synthetic(root / "tiny", "tiny", dtype="f32"), root / "tiny.gguf", "Q8_0",
+                           progress=False)
+
+
+def field_offset(data: bytes, key: str) -> int:
+    """Byte offset of a metadata key's length prefix."""
+    name = key.encode()
+    return data.index(struct.pack("<Q", len(name)) + name)
+
+
+def test_array_lengths_are_bounded_before_reading(synthetic_gguf, tmp_path):
+    """An array whose length is absurd (8 bytes lost before it, or overwritten) is refused at
+    once, from its claimed size, instead of being walked item by item."""
+    data = synthetic_gguf.read_bytes()
+    at = field_offset(data, "tokenizer.ggml.tokens")
+    count_at = at + 8 + len("tokenizer.ggml.tokens") + 4 + 4
+    for name, damaged in {
+        "lost8": data[:at - 8] + data[at:],                                   # the previous value lost 8 bytes
+        "count": data[:count_at] + struct.pack("<Q", 1 << 61) + data[count_at + 8:],
+    }.items():
+        (tmp_path / f"{name}.gguf").write_bytes(damaged)
+        with pytest.raises(FormatError, match="corrupt or truncated GGUF file"):
+            read_gguf(tmp_path / f"{name}.gguf")
+        with pytest.raises(FormatError):
+            describe_gguf(tmp_path / f"{name}.gguf")
+
+
+def test_synthetic_marker_and_info(synthetic_gguf):
+    from click.testing import CliRunner
+
+    from portable_dg.cli import main
+
+    assert read_gguf(synthetic_gguf).metadata["synthetic"] is True
+    lines = CliRunner().invoke(main, ["info", str(synthetic_gguf)]).stdout.splitlines()
+    assert "SYNTHETIC" in lines[0]
+    assert [line.split()[0] for line in lines if line.split()[0] in ("tensors", "file")] == ["tensors", "file"]
+    tensors = next(line for line in lines if line.startswith("  tensors"))
+    assert tensors.split(None, 1)[1] == "Q8_0: 38, F32: 59"                   # the file's own types, once
+    size = next(line for line in lines if line.startswith("  file")).split()[1:3]
+    assert size[1].rstrip(",") in ("KB", "MB") and "BB" not in " ".join(lines)
 
 
 # --- tokenizer in the metadata -----------------------------------------------------------------

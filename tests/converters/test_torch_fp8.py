@@ -288,3 +288,14 @@ def test_bad_fp8_files(sharp_fp8, tmp_path):
     (truncated / "model.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         portable_dg.source.open_source(truncated)
+
+
+def test_info_describes_fp8_output(sharp_fp8):
+    from click.testing import CliRunner
+
+    from portable_dg.cli import main
+
+    result = CliRunner().invoke(main, ["info", str(sharp_fp8)])
+    assert result.exit_code == 0, result.output
+    assert "fp8_e4m3: " in result.stdout and "compressed-tensors float-quantized: weights 8-bit float per channel" \
+        in result.stdout
