@@ -198,6 +198,8 @@ class GGUFFile:
             block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise self.fail(f"tensor {name} has unknown ggml type {ggml_type}") from None
+        if 0 in ne:
+            raise self.fail(f"tensor {name} has shape {list(ne)}, with a dimension of 0")
         if ne[0] % block:
             raise self.fail(f"tensor {name} has rows of {ne[0]} values, not a multiple of "
                             f"{qtype.name}'s block of {block}")
