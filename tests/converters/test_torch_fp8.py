@@ -102,6 +102,8 @@ def test_layout_is_redhat_fp8_dynamic(sharp, sharp_fp8):
     kept = [n for n in refs if not n.endswith((".weight_scale",)) and refs[n].dtype != "F8_E4M3"]
     assert {refs[n].dtype for n in kept} == {"BF16"}
     assert any("router.proj" in n for n in kept) and any("self_conditioning.gate_proj" in n for n in kept)
+    assert {n for n in refs if ".vision_tower." in n or ".embed_vision." in n} == {   # vLLM builds the tower
+        n for n in open_checkpoint(sharp) if ".vision_tower." in n or ".embed_vision." in n} != set()
     config = json.loads((sharp_fp8 / "config.json").read_text())
     qc = config["quantization_config"]
     assert (qc["quant_method"], qc["format"], qc["config_groups"]["group_0"]["targets"]) == (
