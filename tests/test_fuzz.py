@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the fuzz worker forks a child per mutant")
+
 SEED = 20240607
 MUTANTS = 250                    # per format
 INTERESTING = [0, 1, 2, 7, 8, 255, 256, 0x7F, 0x80, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,

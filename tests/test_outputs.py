@@ -4,7 +4,6 @@ a full disk or an unwritable directory as one line, in the library and through `
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -116,6 +115,8 @@ def test_read_only_directory(tmp_path):
 def run_with_small_disk(args: list[str], cwd: Path, limit: int = 4096) -> subprocess.CompletedProcess:
     """`pdg ARGS` with every file write past `limit` bytes failing (RLIMIT_FSIZE with SIGXFSZ
     ignored: the write gets EFBIG, as a full disk gives ENOSPC)."""
+    import resource
+
     def small_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -124,6 +125,7 @@ def run_with_small_disk(args: list[str], cwd: Path, limit: int = 4096) -> subpro
                           text=True, preexec_fn=small_disk, timeout=120)
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
 @pytest.mark.parametrize("command", [
     lambda src: ["convert", str(src), "out.gguf", "--to", "gguf", "--quant", "F32"],
     lambda src: ["convert", str(src), "out-mlx", "--to", "mlx", "--quant", "none"],
