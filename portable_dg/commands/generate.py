@@ -59,7 +59,8 @@ class DraftView:
 
 @click.command()
 @click.option("--model", "model_path", default=None,
-              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled model).")
+              help="Checkpoint directory, .gguf file or hub repo id (default with --prompt-ids: the "
+                   "bundled Sudoku model).")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, numpy, ggml, mlx or torch (auto: GGUF -> ggml, MLX on Apple Silicon -> mlx, "
                    "CUDA -> torch, else the best CPU path).")
@@ -72,7 +73,7 @@ class DraftView:
 @click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
 @click.option("--max-new-tokens", type=int, default=None, help="Rounded up to whole canvases.")
 @click.option("--steps", type=int, default=None, help="Maximum denoising steps per canvas.")
-@click.option("--seed", type=int, default=None, help="Seed for noise and sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for noise and sampling.")
 @click.option("--greedy", is_flag=True, help="Take the argmax instead of sampling.")
 @click.option("--ids", "print_ids", is_flag=True, help="Print the generated token ids.")
 @click.option("--show-drafts", is_flag=True, help="Show the canvas as it is denoised.")
@@ -82,6 +83,9 @@ def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_n
     import portable_dg
 
     if model_path is None:
+        if prompt is not None:     # the bundled model knows 14 tokens: a text prompt would be all unknowns
+            raise ConfigError("--prompt needs --model: the bundled model solves Sudoku puzzles (`pdg sudoku "
+                              "PUZZLE`) and has no vocabulary for text")
         from ..sudoku import default_model_path
         model_path = default_model_path()
     options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
