@@ -31,7 +31,7 @@ class EngineWorker:
         self.engine = Engine(model, max_batch)
         self.inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.listeners: dict[int, Notify] = {}
-        self.counts = {"running": 0, "waiting": 0}
+        self.counts = {"running": 0, "waiting": 0}      # after the last step or command
         self.steps = 0                     # engine steps taken (each advances every running sequence)
         self.thread = threading.Thread(target=self.run, name="pdg-engine", daemon=True)
 
@@ -90,6 +90,7 @@ class EngineWorker:
                 wait = False
             if self.engine.active:
                 self.step()
+            self.counts = {"running": len(self.engine.running), "waiting": len(self.engine.waiting)}
 
     def step(self) -> None:
         try:
@@ -103,7 +104,6 @@ class EngineWorker:
         self.steps += 1
         for seq in finished:
             self.listeners.pop(seq.id, lambda *_: None)("done", seq.output)
-        self.counts = {"running": len(self.engine.running), "waiting": len(self.engine.waiting)}
 
 
 class RequestTimeout(Exception):
