@@ -74,4 +74,7 @@ def serve(model_path, backend, device, dtype, host, port, api_key, model_name, m
                f"(OpenAI API: {url}/v1)", err=True)
     if not is_loopback(host) and api_key is None:
         click.echo(f"warning: listening on {host} without --api-key: anyone who reaches it can use it", err=True)
-    uvicorn_server(app, settings, log_level).run(sockets=[sock])
+    try:
+        uvicorn_server(app, settings, log_level).run(sockets=[sock])
+    except KeyboardInterrupt:           # uvicorn re-raises the Ctrl-C it shut down on: a normal exit
+        pass
