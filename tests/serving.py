@@ -41,7 +41,8 @@ class Running:
 
 @contextlib.contextmanager
 def running_server(model, **settings):
-    from portable_dg.server.app import Service, ServerSettings, bind, build_app, uvicorn_server
+    from portable_dg.server.app import bind, build_app, uvicorn_server
+    from portable_dg.server.service import ServerSettings, Service
 
     config = ServerSettings(**settings)
     service = Service(model, config)

@@ -30,8 +30,8 @@ class EngineWorker:
     def __init__(self, model: Model, max_batch: int):
         self.engine = Engine(model, max_batch)
         self.inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.listeners: dict[int, Notify] = {}
-        self.counts = {"running": 0, "waiting": 0}      # after the last step or command
+        self.listeners: dict[int, tuple[Sequence, Notify]] = {}
+        self.active = 0                    # sequences in the engine after the last step or command
         self.steps = 0                     # engine steps taken (each advances every running sequence)
         self.thread = threading.Thread(target=self.run, name="pdg-engine", daemon=True)
 
@@ -62,7 +62,7 @@ class EngineWorker:
             except Exception as e:  # ConfigError for bad options; anything else is reported too
                 future.set_exception(e)
                 return
-            self.listeners[seq.id] = notify
+            self.listeners[seq.id] = seq, notify
             future.set_result(seq)
 
         self.inbox.put(apply)
@@ -90,20 +90,21 @@ class EngineWorker:
                 wait = False
             if self.engine.active:
                 self.step()
-            self.counts = {"running": len(self.engine.running), "waiting": len(self.engine.waiting)}
+            self.active = self.engine.active
 
     def step(self) -> None:
         try:
             finished = self.engine.step()
-        except Exception as e:  # the engine cannot say which sequence failed: fail every running one
+        except Exception as e:  # the engine cannot say which sequence failed: fail them all
             log.exception("denoising step failed")
-            for seq in list(self.engine.running):
+            for seq, notify in self.listeners.values():
                 self.engine.cancel(seq)
-                self.listeners.pop(seq.id, lambda *_: None)("error", e)
+                notify("error", e)
+            self.listeners.clear()
             finished = []
         self.steps += 1
         for seq in finished:
-            self.listeners.pop(seq.id, lambda *_: None)("done", seq.output)
+            self.listeners.pop(seq.id)[1]("done", seq.output)
 
 
 class RequestTimeout(Exception):
@@ -121,6 +122,7 @@ class Job:
         self.started = time.monotonic()
         self.release = release
         self.seq: Sequence | None = None
+        self.submission: concurrent.futures.Future[Sequence] | None = None
         self.finished = False
         self.closed = False
 
@@ -128,8 +130,9 @@ class Job:
         """Hand the sequence to the engine; raises its ConfigError (and closes the job) on bad options."""
         def notify(kind: str, payload: Any) -> None:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        self.submission = self.worker.submit(prompt_ids, options, notify)
         try:
-            self.seq = await asyncio.wrap_future(self.worker.submit(prompt_ids, options, notify))
+            self.seq = await asyncio.wrap_future(self.submission)
         except BaseException:
             self.close()
             raise
@@ -153,4 +156,10 @@ class Job:
         self.closed = True
         if self.seq is not None and not self.finished:
             self.worker.cancel(self.seq)
+        elif self.seq is None and self.submission is not None and not self.submission.cancel():
+            self.submission.add_done_callback(self.cancel_late)     # the worker is submitting it right now
         self.release()
+
+    def cancel_late(self, submission: concurrent.futures.Future[Sequence]) -> None:
+        if not submission.cancelled() and submission.exception() is None:
+            self.worker.cancel(submission.result())

@@ -47,10 +47,10 @@ def test_a_dropped_client_frees_its_slot(sudoku_model, puzzles):
                 for name, _ in events:
                     if name == "draft":
                         break                                     # it is running: now hang up
-                server.wait(lambda s: s.worker.counts["running"] >= 1)
+                server.wait(lambda s: s.worker.active >= 1)
             server.wait(lambda s: s.in_flight == sum(not f.done() for f in others))
             answers = [f.result() for f in others]
-        server.wait(lambda s: s.in_flight == 0 and s.worker.counts == {"running": 0, "waiting": 0})
+        server.wait(lambda s: s.in_flight == 0 and s.worker.active == 0)
         assert server.service.worker.steps < 1000                # the 5000-step request did not run on
     for i, answer in zip((1, 2, 3), answers):
         assert_solves(answer, puzzles[i][1])
@@ -66,9 +66,9 @@ def test_a_dropped_non_streaming_client_frees_its_slot(sudoku_model, puzzles):
         connection.request("POST", "/v1/chat/completions", json.dumps(
             {"messages": [{"role": "user", "content": puzzles[0][0]}], **LONG}),
             {"Content-Type": "application/json"})
-        server.wait(lambda s: s.worker.counts["running"] == 1)
+        server.wait(lambda s: s.worker.active == 1)
         connection.close()
-        server.wait(lambda s: s.in_flight == 0 and s.worker.counts["running"] == 0)
+        server.wait(lambda s: s.in_flight == 0 and s.worker.active == 0)
 
 
 def test_a_full_queue_is_refused_at_once_then_serves_again(sudoku_model, puzzles):
@@ -101,4 +101,4 @@ def test_request_timeout(sudoku_model, puzzles):
                           {"messages": [{"role": "user", "content": puzzles[0][0]}], "stream": True, **LONG}) as events:
             last = list(events)[-2:]
         assert '"timeout"' in last[0][1] and last[1][1] == "[DONE]"
-        server.wait(lambda s: s.in_flight == 0 and s.worker.counts["running"] == 0)
+        server.wait(lambda s: s.in_flight == 0 and s.worker.active == 0)

@@ -173,7 +173,7 @@ async function send(text) {
 async function pollHealth() {
   try {
     const h = await (await fetch("/health")).json();
-    $("status").textContent = `running ${h.running} · waiting ${h.waiting} · slots ${h.max_concurrent}`;
+    $("status").textContent = `requests ${h.in_flight} · denoising together up to ${h.max_concurrent}`;
   } catch (e) {
     $("status").textContent = "server unreachable";
   }
