@@ -18,6 +18,7 @@ from typing import Any, Callable, TextIO
 import click
 
 from ..errors import PortableDGError
+from .model_options import load_model, model_options
 
 HELP = "/reset clears the history, /system [TEXT] shows or sets the system prompt, /exit leaves"
 
@@ -179,11 +180,7 @@ def command(session: ChatSession, line: str) -> bool:
 
 
 @click.command()
-@click.option("--model", "model_path", default=None,
-              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model).")
-@click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch.")
-@click.option("--device", default=None, help="Backend device (torch: cpu or cuda).")
-@click.option("--dtype", default=None, help="Backend compute dtype (numpy: float32 or float64).")
+@model_options
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
 @click.option("--max-tokens", type=int, default=None, help="Most tokens per reply (rounded up to canvases).")
@@ -194,17 +191,11 @@ def command(session: ChatSession, line: str) -> bool:
               help="Show the canvas as it denoises (on a terminal).")
 def chat(model_path, backend, device, dtype, system, think, max_tokens, steps, seed, drafts):
     """Chat with a model in the terminal."""
-    import portable_dg
-
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    if model_path is None:
-        from ..sudoku import default_model_path
-        model_path = default_model_path()
-    options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    model = portable_dg.load(model_path, backend=backend, **options)
+    model = load_model(model_path, backend, device, dtype)
     session = ChatSession(model, system=system, enable_thinking=think, max_tokens=max_tokens,
                           max_denoising_steps=steps, seed=seed)
     click.echo(f"pdg chat: {model.source.path} ({model.backend.name}); {HELP}", err=True)

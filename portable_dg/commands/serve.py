@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from .model_options import load_model, model_options
 
 
 def served_name(model_path: str | Path) -> str:
@@ -26,11 +27,7 @@ def is_loopback(host: str) -> bool:
 
 
 @click.command()
-@click.option("--model", "model_path", default=None,
-              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model).")
-@click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch.")
-@click.option("--device", default=None, help="Backend device (torch: cpu or cuda).")
-@click.option("--dtype", default=None, help="Backend compute dtype (numpy: float32 or float64).")
+@model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; another than loopback should come with --api-key.")
 @click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on (0: a free one).")
@@ -57,16 +54,12 @@ def serve(model_path, backend, device, dtype, host, port, api_key, model_name, m
     except ImportError as e:
         raise ConfigError(f"pdg serve needs the serve extra ({e.name} is missing): "
                           "pip install 'portable-dg[serve]'") from None
-    import portable_dg
+    from ..sudoku import default_model_path
 
-    if model_path is None:
-        from ..sudoku import default_model_path
-        model_path = default_model_path()
-    settings = ServerSettings(model_name=model_name or served_name(model_path), api_key=api_key,
-                              max_concurrent=max_concurrent, max_queue=max_queue, max_tokens=max_tokens,
-                              max_body_bytes=max_body_bytes, timeout_s=timeout_s)
-    options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    model = portable_dg.load(model_path, backend=backend, **options)
+    settings = ServerSettings(model_name=model_name or served_name(model_path or default_model_path()),
+                              api_key=api_key, max_concurrent=max_concurrent, max_queue=max_queue,
+                              max_tokens=max_tokens, max_body_bytes=max_body_bytes, timeout_s=timeout_s)
+    model = load_model(model_path, backend, device, dtype)
     app = create_app(model, settings)
     sock = bind(host, port)
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
