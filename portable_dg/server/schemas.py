@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold",
          "stability_threshold")
@@ -84,6 +84,12 @@ class Sampling(DiffusionKnobs):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stop
+
+    @model_validator(mode="after")
+    def check_stream_options(self) -> "Sampling":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -173,4 +179,5 @@ def parse(cls: type[Body], data: Any) -> Body:
         if error["type"] == "extra_forbidden":
             raise ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
                            code="unknown_parameter") from None
-        raise ApiError(400, f"{param}: {error['msg']}", param=param) from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"{param}: {message}" if param else message, param=param) from None

@@ -32,6 +32,7 @@ BAD_REQUESTS = [
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "not supported"),
     (chat(logprobs=True), 400, "logprobs", "not supported"),
     (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", "up to 4"),
+    (chat(stream_options={"include_usage": True}), 400, None, "only allowed when stream is true"),
     (chat(max_tokens=100_000), 400, "max_tokens", "more than this server allows"),
     (chat(max_tokens=500), 400, None, "exceeds the model's context"),
     ({"messages": []}, 400, "messages", "at least 1"),
