@@ -90,7 +90,7 @@ def test_generate_ids_within_vocab_via_numpy_float64(tiny_a):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "--prompt", "Why is the sky blue?"], "--prompt needs --model"),
+    (["generate", "--prompt", "Why is the sky blue?"], "needs a user message holding a puzzle"),
     (["generate", "--prompt-ids", "2", "--seed", "-1"], "'--seed': -1 is not in the range x>=0"),
     (["imatrix", "--model", "TINY", "--out", "OUT/im.npz", "--n-random", "0"], "--n-random must be positive"),
     (["imatrix", "--model", "TINY", "--out", "OUT/im.npz", "--prompts", "BLANK"], "calibration prompts are all blank"),

@@ -59,8 +59,8 @@ class DraftView:
 
 @click.command()
 @click.option("--model", "model_path", default=None,
-              help="Checkpoint directory, .gguf file or hub repo id (default with --prompt-ids: the "
-                   "bundled Sudoku model).")
+              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model, "
+                   "whose chat template takes a prompt holding an 81-character puzzle).")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, numpy, ggml, mlx or torch (auto: GGUF -> ggml, MLX on Apple Silicon -> mlx, "
                    "CUDA -> torch, else the best CPU path).")
@@ -82,10 +82,7 @@ def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_n
     """Generate from a prompt by block diffusion."""
     import portable_dg
 
-    if model_path is None:
-        if prompt is not None:     # the bundled model knows 14 tokens: a text prompt would be all unknowns
-            raise ConfigError("--prompt needs --model: the bundled model solves Sudoku puzzles (`pdg sudoku "
-                              "PUZZLE`) and has no vocabulary for text")
+    if model_path is None:     # the bundled Sudoku model: its chat template refuses a prompt without a puzzle
         from ..sudoku import default_model_path
         model_path = default_model_path()
     options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
