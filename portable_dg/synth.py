@@ -36,7 +36,10 @@ ITEMSIZE = {"bf16": 2, "f32": 4}
 # tokens and then padding up to vocab_size.
 SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
                   50: "<|tool_response>", 105: "<|turn>", 106: "<turn|>"}
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|turn>{{ message['role'] }}\n"
+# Gemma 4's turn format; the assistant's turns are "model" turns, as in Gemma's own template, so a
+# conversation's next prompt extends the previous one (prefix reuse).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|turn>"
+                 "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
                  "{{ message['content'] }}<turn|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|turn>model\n{% endif %}")
 # transformers always builds a vision tower; this 1-layer toy keeps that cheap (spec §7.1).  The

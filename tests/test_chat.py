@@ -98,3 +98,22 @@ def test_pdg_chat_in_a_terminal():
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_turns_reuse_the_previous_cache(tmp_path):
+    """The second turn's prompt extends the first's: its cache row is reused, only the rest encoded."""
+    from portable_dg.commands.chat import ChatSession
+    from portable_dg.synth import write_synthetic
+
+    import portable_dg
+
+    path = tmp_path / "tiny"
+    write_synthetic(path, like="tiny", dtype="f32")
+    session = ChatSession(portable_dg.load(path), max_tokens=16, seed=0)
+    encoded = []
+    encode = session.engine.network.encode
+    session.engine.network.encode = lambda ids, cache, rows: (encoded.append(ids.shape[1]), encode(ids, cache, rows))
+    session.reply("hello there")
+    first = session.prompt_ids("again")
+    session.reply("again")
+    assert encoded[0] > 0 and encoded[-1] < len(first)           # the second prompt was not encoded whole

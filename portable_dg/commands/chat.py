@@ -48,7 +48,7 @@ class ChatSession:
         model.generation_config.replace(max_new_tokens=self.max_tokens, **{     # bad knobs fail here, not per turn
             k: v for k, v in options.items() if k not in ("seed", "greedy")})
         self.options = options
-        self.engine = Engine(model, max_batch=1)
+        self.engine = Engine(model, max_batch=1, prefix_rows=1)     # each turn reuses the last one's cache
         self.history: list[dict[str, str]] = []
 
     def conversation(self, user_text: str) -> list[dict[str, str]]:

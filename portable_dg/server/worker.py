@@ -28,7 +28,8 @@ class EngineWorker:
     """Runs `Engine.step` in its own thread while any sequence is active."""
 
     def __init__(self, model: Model, max_batch: int):
-        self.engine = Engine(model, max_batch)
+        # finished conversations keep their cache rows (as many as the batch) for the next turn
+        self.engine = Engine(model, max_batch, prefix_rows=max_batch)
         self.inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.listeners: dict[int, tuple[Sequence, Notify]] = {}
         self.active = 0                    # sequences in the engine after the last step or command
