@@ -12,7 +12,7 @@ tokenizer is bridged to it once and cached.
     canvas, argmax = state.walk(sampled, accepted, topk_ids, topk_logits, uniforms, noise_ids,
                                 masked_choice, budget_left=...)            # every step
     state.commit(argmax)                                                   # every canvas
-    state.complete                                                         # at the end
+    state.accepting                             # at the end: the text is complete (else cut short)
 
 The README section "Constrained output" describes the algorithm and its cost.
 """
@@ -40,7 +40,11 @@ MaskedChoice = Callable[[int, np.ndarray, str], int]
 _BYTE_CLASSES = (b"\"'}])>", b"0123456789", b",:;", bytes(range(97, 123)), bytes(range(65, 91)),
                  bytes(b for b in range(33, 127) if not chr(b).isalnum() and b not in b"\"'}])>,:;"),
                  b" \n\t\r")
+_STEADY = (0, 2)            # closers and separators: always tried first, also where a state comes back
+_LOOP_WINDOW = 8            # steps back in which the closing search looks for a state coming back
 _PLAN_TRIES = 1024          # steps the closing search may try before it gives up
+_KNOWN_STATES = 4096        # completions remembered by mask (then forgotten all at once)
+_SCAN_MISSES = 8            # failed closing searches after which the budget scan stops looking further back
 
 
 def _llguidance() -> Any:
@@ -117,6 +121,8 @@ def _one_line(message: str, keep_position: bool = False) -> str:
         lines.append(text)
     out = " ".join(lines)
     out = re.sub(r"\s*\(in regex\)", "", out)
+    out = re.sub(r", '.*' \^ '.*'$", "", out)                # GBNF: the text around the error, with a caret
+    out = out.replace("Failed to convert the grammar from GBNF to Lark: ", "GBNF: ")
     if not keep_position:
         out = re.sub(r"^at \d+\(\d+\): ", "", out)      # a position in llguidance's wrapper, not the user's text
     return out
@@ -138,19 +144,22 @@ class TokenBridge:
         if not self.eos:
             raise ConfigError("constrained output needs the model's EOS token id (generation_config.json "
                               "eos_token_id)")
-        eos = list(self.eos)
-        try:
-            self.llt = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=eos)
-        except Exception:       # not a tokenizer.json llguidance reads itself (sentencepiece, WordLevel, ...)
-            self.llt = llg.LLTokenizer(llg.TokenizerWrapper(_TokenTable(tokenizer, eos[0])),
-                                       n_vocab=vocab_size, eos_token=eos)
+        self.llt = None
+        if tokenizer.kind == "tokenizers":
+            try:
+                self.llt = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(self.eos))
+            except ValueError:  # a tokenizer.json llguidance does not read itself (WordLevel, a custom decoder)
+                pass
+        if self.llt is None:
+            self.llt = llg.LLTokenizer(llg.TokenizerWrapper(_TokenTable(tokenizer, self.eos[0])),
+                                       n_vocab=vocab_size, eos_token=list(self.eos))
+        # the one-byte tokens in the closing search's order: byte value, token id [n] and byte class
         self.byte_values, self.byte_ids, self.byte_classes = self._byte_tokens()
-        self.token_of_byte = dict(zip(self.byte_values.tolist(), self.byte_ids.tolist()))
-        self.byte_values, self.byte_classes = self.byte_values.tolist(), self.byte_classes.tolist()
+        self.token_of_byte = dict(zip(self.byte_values, self.byte_ids.tolist()))
+        self.byte_words, self.byte_shifts = self.byte_ids >> 5, (self.byte_ids & 31).astype(np.uint32)
         self._lengths: np.ndarray | None = None
 
-    def _byte_tokens(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The tokens that are exactly one byte, in the closing search's order: (byte, token id, class)."""
+    def _byte_tokens(self) -> tuple[list[int], np.ndarray, list[int]]:
         found = {}
         for b in range(256):
             ids = self.llt.tokenize_bytes(bytes([b]))
@@ -159,8 +168,7 @@ class TokenBridge:
         order = [(b, rank) for rank, members in enumerate(_BYTE_CLASSES) for b in members]
         order += [(b, len(_BYTE_CLASSES)) for b in range(256) if b not in {b for b, _ in order}]
         rows = [(b, found[b], rank) for b, rank in order if b in found]
-        return tuple(np.array(column, np.int64) for column in zip(*rows)) if rows else \
-            (np.zeros(0, np.int64),) * 3
+        return [b for b, _, _ in rows], np.array([t for _, t, _ in rows], np.int64), [r for _, _, r in rows]
 
     def token_lengths(self) -> np.ndarray:
         """Byte length of every token [V] (special tokens: a large number); computed on first use."""
@@ -178,6 +186,9 @@ class _TokenTable:
         self.eos_token_id, self.bos_token_id = eos_id, tokenizer.token_to_id(tokenizer.bos_token or "<bos>")
         self.special_token_ids = sorted(tokenizer.special_ids)
         self.tokens = [self._bytes(i) for i in range(tokenizer.vocab_size)]
+        self.ids = {t: i for i, t in reversed(list(enumerate(self.tokens)))
+                    if t and i not in tokenizer.special_ids}
+        self.longest = max(map(len, self.ids), default=1)
 
     def _bytes(self, i: int) -> bytes:
         if self.tokenizer.kind == "sentencepiece":
@@ -188,7 +199,20 @@ class _TokenTable:
         return self.tokenizer.decode([i], skip_special_tokens=False).encode("utf-8")
 
     def __call__(self, text: bytes) -> list[int]:
-        return self.tokenizer.encode(text.decode("utf-8", errors="replace"))
+        """Token ids whose bytes are exactly `text`: the tokenizer's own where they are (sentencepiece
+        adds a leading space and drops trailing ones), else the longest tokens from the left."""
+        ids = self.tokenizer.encode(text.decode("utf-8", errors="replace"))
+        if b"".join(self.tokens[i] for i in ids) == text:
+            return ids
+        ids, at = [], 0
+        while at < len(text):
+            n = next((n for n in range(min(self.longest, len(text) - at), 0, -1) if text[at:at + n] in self.ids), 0)
+            if n == 0:                                   # a byte no token holds: skip it
+                at += 1
+                continue
+            ids.append(self.ids[text[at:at + n]])
+            at += n
+        return ids
 
 
 _BRIDGES: "weakref.WeakKeyDictionary[Tokenizer, dict[tuple, TokenBridge]]" = weakref.WeakKeyDictionary()
@@ -218,10 +242,18 @@ def mask_allows(mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return ((mask.view(np.uint32)[ids >> 5] >> (ids & 31).astype(np.uint32)) & 1).astype(bool)
 
 
+_BYTE_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.int64)
+
+
+def popcount(mask: np.ndarray) -> np.ndarray:
+    """Allowed ids per 32-bit word of a bitmask [W] -> [W] int64."""
+    return _BYTE_POPCOUNT[mask.view(np.uint8)].reshape(-1, 4).sum(axis=1)
+
+
 def nth_allowed(mask: np.ndarray, n: int) -> int:
     """The n-th allowed id (from 0) of a bitmask, counting upwards."""
     words = mask.view(np.uint32)
-    counts = np.cumsum(np.bitwise_count(words), dtype=np.int64)
+    counts = np.cumsum(popcount(mask))
     w = int(np.searchsorted(counts, n, side="right"))
     n -= int(counts[w - 1]) if w else 0
     bits = np.nonzero((int(words[w]) >> np.arange(32)) & 1)[0]
@@ -243,13 +275,30 @@ def _inverse_cdf(logits: np.ndarray, u: float) -> int:
     return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(logits) - 1)
 
 
+def _count(taken: dict[tuple, int], path: list[tuple[list[int], tuple]], sign: int) -> None:
+    """Add (sign +1) the last step of the path to `taken`, and drop the step that leaves the window;
+    or (sign -1) undo that, before the last step is removed."""
+    for key in path[-1][1]:
+        taken[key] = taken.get(key, 0) + sign
+    if len(path) > _LOOP_WINDOW:
+        for key in path[-1 - _LOOP_WINDOW][1]:
+            taken[key] -= sign
+
+
 class _Cursor:
     """The constraint's matcher moved over a canvas from the committed state (and put back after)."""
 
-    def __init__(self, matcher: Any, bridge: TokenBridge, stats: dict[str, int]):
+    def __init__(self, matcher: Any, bridge: TokenBridge, stats: dict[str, int], closings: dict[tuple, Any],
+                 known: dict[tuple, list[int]]):
         self.m, self.bridge, self.stats = matcher, bridge, stats
-        self.depth = 0                                  # tokens consumed past the committed state
+        self.path: list[int] = []                       # tokens consumed past the committed state
+        self.closings = closings                        # path -> closing (until the next commit)
+        self.known = known                              # mask key -> a completion found from such a state
         self.buffer = np.zeros((bridge.vocab_size + 31) // 32, np.int32)
+
+    @property
+    def depth(self) -> int:
+        return len(self.path)
 
     def valid(self, t: int) -> bool:
         """Token t may follow the text so far (EOS: the text so far is complete)."""
@@ -260,96 +309,131 @@ class _Cursor:
     def consume(self, tokens: Sequence[int]) -> None:
         if not self.m.consume_tokens([int(t) for t in tokens]):
             raise PortableDGError(f"constraint: internal error, a checked token was refused ({self.m.get_error()})")
-        self.depth += len(tokens)
+        self.path += [int(t) for t in tokens]
 
     def rollback(self, n: int) -> None:
         if n:
             self.m.rollback(n)
-            self.depth -= n
+            del self.path[-n:]
 
     def mask(self) -> np.ndarray:
-        """The tokens allowed after the text so far: llguidance's bitmask [ceil(V / 32)] int32 (a copy)."""
-        self.m.unsafe_compute_mask_ptr(self.buffer.ctypes.data, self.buffer.nbytes)
-        self.stats["masks"] += 1
-        if not self.buffer.any():
+        """The tokens allowed after the text so far: llguidance's bitmask [ceil(V / 32)] int32."""
+        mask = self._fill(np.empty_like(self.buffer))
+        if not mask.any():
             raise PortableDGError("constraint: no token can continue the text here"
                                   f"{' (' + self.m.get_error() + ')' if self.m.get_error() else ''}")
-        return self.buffer.copy()
+        return mask
+
+    def _fill(self, mask: np.ndarray) -> np.ndarray:
+        self.m.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+        self.stats["masks"] += 1
+        return mask
+
+    def completes(self, tokens: list[int]) -> bool:
+        """The tokens may follow the text so far and leave it complete."""
+        if self.m.validate_tokens(tokens) != len(tokens):
+            return False
+        self.consume(tokens)
+        complete = self.m.is_accepting()
+        self.rollback(len(tokens))
+        return complete
 
     def closing(self) -> list[int] | None:
         """Tokens that make the text so far complete (the grammar accepts it), or None if none found.
 
         A depth-first search over one-byte tokens: forced bytes are taken whole; otherwise the
         allowed bytes are tried class by class (`_BYTE_CLASSES`), except that where the search
-        comes back to a state with the same allowed set (the same mask) it tries first the classes,
-        then the bytes, it took there least often: that ends repetitions such as [a-z]+ or (ab)+.
-        Where no one-byte token is allowed, tokens of any length, shortest first.  It backs up at
-        dead ends and gives up after _PLAN_TRIES steps.  The bytes found are retokenized into
-        fewer tokens where the tokenizer has them."""
-        self.stats["plans"] += 1
-        if self.m.is_accepting():
-            return []
-        path: list[tuple[list[int], tuple]] = []        # (tokens, choice key) at each depth
-        taken: dict[tuple, int] = {}                    # (mask, class) and (mask, byte) -> times on the path
-        frames = [self._moves(taken)]
-        tries = 0
-        while frames and tries < _PLAN_TRIES:
-            move = next(frames[-1], None)
-            if move is None:                            # dead end: back up one
-                frames.pop()
-                if path:
-                    tokens, keys = path.pop()
-                    self.rollback(len(tokens))
-                    for key in keys:
-                        taken[key] -= 1
-                continue
-            tries += 1
-            tokens, keys = move
-            self.consume(tokens)
-            path.append(move)
-            for key in keys:
-                taken[key] = taken.get(key, 0) + 1
-            if self.m.is_accepting():
-                plan = [t for step, _ in path for t in step]
-                self.rollback(len(plan))
-                return self._retokenized(plan)
-            frames.append(self._moves(taken))
-        while path:
-            self.rollback(len(path.pop()[0]))
-        return None
+        comes back, within _LOOP_WINDOW steps, to a state with the same allowed set (the same
+        mask), it tries first the classes (closers and separators stay first), then the bytes, it
+        took there least often: that ends repetitions such as [a-z]+, (ab)+ or ([0-9],)+.  Where
+        no one-byte token is allowed, tokens of any length, shortest first.  It backs up at dead
+        ends and gives up after _PLAN_TRIES steps.  A state whose mask was met before tries the
+        completion found from there first (checked: equal masks need not mean equal states).  The
+        bytes found are retokenized into fewer tokens where the tokenizer has them.  Results are
+        kept until the next commit."""
+        key = tuple(self.path)
+        if key not in self.closings:
+            plan = self._search()
+            self.closings[key] = plan if plan is None else self._retokenized(plan)
+        return self.closings[key]
 
-    def _moves(self, taken: dict[tuple, int]):
-        """The closing search's next steps from the current state, best first: (tokens, choice keys)."""
+    def _search(self) -> list[int] | None:
+        self.stats["plans"] += 1
+        path: list[tuple[list[int], tuple]] = []        # (tokens, choice keys) at each depth
+        states: list[tuple[int, tuple]] = []            # (depth, mask key) of the states met on the path
+        taken: dict[tuple, int] = {}                    # choice keys -> times in the last _LOOP_WINDOW steps
+        frames: list[Any] = []
+        tries = 0
+        while not self.m.is_accepting():
+            moves = self._expand(path, states, taken)
+            if moves is None:                           # a known completion took it to the end
+                break
+            frames.append(moves)
+            while frames and tries < _PLAN_TRIES:       # the next step: down a new branch, or back up
+                move = next(frames[-1], None)
+                if move is None:
+                    frames.pop()
+                    if path:
+                        self.rollback(len(path[-1][0]))
+                        _count(taken, path, -1)
+                        path.pop()
+                    while states and states[-1][0] > len(path):
+                        states.pop()
+                    continue
+                tries += 1
+                if self.m.validate_tokens(move[0]) == len(move[0]):
+                    self.consume(move[0])
+                    path.append(move)
+                    _count(taken, path, +1)
+                    break
+            else:
+                while path:
+                    self.rollback(len(path.pop()[0]))
+                return None
+        plan = [t for tokens, _ in path for t in tokens]
+        self.rollback(len(plan))
+        ends = np.cumsum([0] + [len(tokens) for tokens, _ in path])
+        if len(self.known) > _KNOWN_STATES:
+            self.known.clear()
+        for depth, state in states:                     # what completes each state met on the way
+            self.known.setdefault(state, plan[ends[depth]:])
+        return plan
+
+    def _expand(self, path: list[tuple[list[int], tuple]], states: list[tuple[int, tuple]],
+                taken: dict[tuple, int]) -> Any:
+        """The closing search at a new state: its next steps, best first, as (tokens, choice keys);
+        or None after taking the path to a complete text with a completion known for this mask."""
         bridge = self.bridge
         forced = self.m.compute_ff_bytes()
         if forced and all(b in bridge.token_of_byte for b in forced):
-            yield [bridge.token_of_byte[b] for b in forced], ()
-            return
-        mask = self.mask()
-        state = hash(mask.tobytes())
-        rows = np.flatnonzero(mask_allows(mask, bridge.byte_ids))
+            return iter([([bridge.token_of_byte[b] for b in forced], ())])
+        words = self._fill(self.buffer).view(np.uint32)
+        allowed = (words[bridge.byte_words] >> bridge.byte_shifts) & 1
+        state = allowed.tobytes()                       # the allowed one-byte tokens stand for the state
+        states.append((len(path), (state, int(words.sum(dtype=np.uint64)))))
+        known = self.known.get(states[-1][1])
+        if known is not None and self.completes(known):
+            self.consume(known)
+            path.append((known, ()))
+            return None
+        rows = np.flatnonzero(allowed)
         if taken.get((state,)):                         # been here on this path: least taken first
-            rows = sorted(rows.tolist(), key=lambda i: (taken.get((state, "class", bridge.byte_classes[i]), 0),
-                                                        bridge.byte_classes[i],
-                                                        taken.get((state, "byte", bridge.byte_values[i]), 0)))
-        for i in rows:
-            yield [int(bridge.byte_ids[i])], ((state,), (state, "class", bridge.byte_classes[i]),
-                                               (state, "byte", bridge.byte_values[i]))
-        if not len(rows):                               # no one-byte token fits: any token, shortest first
-            ids = np.nonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[:bridge.vocab_size])[0]
+            rows = sorted(rows.tolist(), key=lambda i: (
+                0 if bridge.byte_classes[i] in _STEADY else taken.get((state, "class", bridge.byte_classes[i]), 0),
+                bridge.byte_classes[i], taken.get((state, "byte", bridge.byte_values[i]), 0)))
+        moves = [([int(bridge.byte_ids[i])], ((state,), (state, "class", bridge.byte_classes[i]),
+                                               (state, "byte", bridge.byte_values[i]))) for i in rows]
+        if not moves:                                   # no one-byte token fits: any token, shortest first
+            ids = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:bridge.vocab_size])
             ids = ids[~np.isin(ids, list(bridge.eos_ids))]
-            for i in ids[np.argsort(bridge.token_lengths()[ids], kind="stable")][:16]:
-                yield [int(i)], ((state,), (state, "token", int(i)))
+            moves = [([int(i)], ((state,), (state, "token", int(i))))
+                     for i in ids[np.argsort(bridge.token_lengths()[ids], kind="stable")][:16]]
+        return iter(moves)
 
     def _retokenized(self, plan: list[int]) -> list[int]:
         """The plan's bytes in fewer tokens, where the tokenizer has them and they complete the text too."""
         shorter = self.bridge.llt.tokenize_bytes(self.bridge.llt.decode_bytes(plan))
-        if len(shorter) >= len(plan) or self.m.validate_tokens(shorter) != len(shorter):
-            return plan
-        self.consume(shorter)
-        complete = self.m.is_accepting()
-        self.rollback(len(shorter))
-        return shorter if complete else plan
+        return shorter if len(shorter) < len(plan) and self.completes(shorter) else plan
 
 
 class CanvasConstraint:
@@ -370,13 +454,14 @@ class CanvasConstraint:
         self.finished = False                   # an EOS was committed: the text has ended
         self.committed = 0                      # tokens committed (EOS excluded)
         self.stats = dict(walks=0, masks=0, plans=0, device_choices=0, replaced=0)
+        self._closings: dict[tuple, list[int] | None] = {}     # closing searches from the committed state
+        self._known: dict[tuple, list[int]] = {}               # completions by mask key (see _Cursor.closing)
 
     @property
     def accepting(self) -> bool:
-        """The committed text is complete: EOS may follow (or already did)."""
+        """The committed text is complete: EOS may follow it (or did: `finished`).  At the end of a
+        generation this says whether the output is a whole text of the language or was cut short."""
         return self.finished or self.matcher.is_accepting()
-
-    complete = accepting
 
     def commit(self, ids: Sequence[int] | np.ndarray) -> None:
         """Advance over a committed canvas: its tokens up to the first EOS (the rest is padding)."""
@@ -392,6 +477,7 @@ class CanvasConstraint:
         if text and not self.matcher.consume_tokens(text):
             raise PortableDGError(f"constraint: internal error ({self.matcher.get_error()})")
         self.committed += len(text)
+        self._closings.clear()
         if end < len(ids):
             if not self.matcher.is_accepting():
                 raise PortableDGError(f"constraint: EOS committed at canvas position {end}, where the text is "
@@ -434,7 +520,7 @@ class CanvasConstraint:
         if self.finished:
             return model_canvas, topk_ids[:, 0].copy()
         self.stats["walks"] += 1
-        cursor = _Cursor(self.matcher, self.bridge, self.stats)
+        cursor = _Cursor(self.matcher, self.bridge, self.stats, self._closings, self._known)
         eos = self.bridge.eos_ids
 
         def device(j: int, mask: np.ndarray, kind: str) -> int:
@@ -459,7 +545,7 @@ class CanvasConstraint:
             mask = cursor.mask()
             text = clear_ids(mask, eos)                 # noise ends the text only where nothing else may follow
             mask = text if text.any() else mask
-            return nth_allowed(mask, int(uniforms[j] * int(np.bitwise_count(mask.view(np.uint32)).sum())))
+            return nth_allowed(mask, int(uniforms[j] * int(popcount(mask).sum())))
 
         def argmax_choice(j: int) -> int:
             if cursor.valid(int(topk_ids[j, 0])):
@@ -479,14 +565,16 @@ class CanvasConstraint:
               budget_left: int | None) -> np.ndarray:
         """One walk over the canvas from the committed state; the matcher is put back after."""
         out = np.array(model_canvas, np.int64)
-        end = self._run(cursor, choose, out, 0, None, budget_left)
-        if end is None and budget_left is not None:
-            start, plan = self._closable(cursor, out, budget_left)
-            if start < len(out):
-                end = self._run(cursor, choose, out, start, plan, budget_left)
+        try:
+            end = self._run(cursor, choose, out, 0, None, budget_left)
+            if end is None and budget_left is not None:
+                start, plan = self._closable(cursor, out, budget_left)
+                if start < len(out):
+                    end = self._run(cursor, choose, out, start, plan, budget_left)
+        finally:
+            cursor.rollback(cursor.depth)
         if end is not None:
             out[end + 1:] = model_canvas[end + 1:]
-        cursor.rollback(cursor.depth)
         return out
 
     def _run(self, cursor: _Cursor, choose: Callable[[int], int], out: np.ndarray, start: int,
@@ -507,7 +595,7 @@ class CanvasConstraint:
                     plan = plan[1:]
                 else:
                     cursor.consume([t])
-                    after = cursor.closing()
+                    after = plan if plan and len(plan) <= left and cursor.completes(plan) else cursor.closing()
                     cursor.rollback(1)
                     if after is not None and len(after) <= max(left, len(plan) - 1):
                         plan = after
@@ -527,15 +615,19 @@ class CanvasConstraint:
         plan = cursor.closing()
         if plan is None or len(plan) <= budget_left - L:
             return L, None                              # fits (or no way to complete found: nothing to steer by)
-        best = (L, plan)
+        best, misses = (L, plan), 0
         for j in range(L - 1, -1, -1):
             cursor.rollback(1)
             plan = cursor.closing()
             if plan is None:
+                misses += 1
+                if misses > _SCAN_MISSES:
+                    break
                 continue
             if len(plan) <= budget_left - j:
                 return j, plan
             if len(plan) - (budget_left - j) < len(best[1]) - (budget_left - best[0]):
                 best = (j, plan)
+        cursor.rollback(cursor.depth)
         cursor.consume(out[:best[0]])                   # nowhere fits: follow the closest way to a complete text
         return best
