@@ -37,12 +37,13 @@ MaskedChoice = Callable[[int, np.ndarray, str], int]
 # structure is shut as soon as the grammar lets it; then digits and separators (a number, the next
 # item or key), letters, other printable bytes; whitespace, which never brings a text closer to
 # its end, last.
-_BYTE_CLASSES = (b"\"'}])>", b"0123456789", b",:;", bytes(range(97, 123)), bytes(range(65, 91)),
-                 bytes(b for b in range(33, 127) if not chr(b).isalnum() and b not in b"\"'}])>,:;"),
+_BYTE_CLASSES = (b"\"'}])>", b"0123456789", b",:;.", bytes(range(97, 123)), bytes(range(65, 91)),
+                 bytes(b for b in range(33, 127) if not chr(b).isalnum() and b not in b"\"'}])>,:;."),
                  b" \n\t\r")
-_STEADY = (0, 2)            # closers and separators: always tried first, also where a state comes back
-_LOOP_WINDOW = 8            # steps back in which the closing search looks for a state coming back
-_PLAN_TRIES = 1024          # steps the closing search may try before it gives up
+_STEADY = (0, 2)            # closers and separators
+# the closing search's two passes: (steps back in which it looks for a state coming back, closers and
+# separators kept first there, steps it may try); the second ends long loops such as (x, )*
+_PASSES = ((8, True, 256), (1 << 30, False, 1024))
 _KNOWN_STATES = 4096        # completions remembered by mask (then forgotten all at once)
 _SCAN_MISSES = 8            # failed closing searches after which the budget scan stops looking further back
 
@@ -275,14 +276,22 @@ def _inverse_cdf(logits: np.ndarray, u: float) -> int:
     return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(logits) - 1)
 
 
-def _count(taken: dict[tuple, int], path: list[tuple[list[int], tuple]], sign: int) -> None:
+def _count(taken: dict[tuple, int], path: list[tuple[list[int], tuple]], sign: int, window: int) -> None:
     """Add (sign +1) the last step of the path to `taken`, and drop the step that leaves the window;
     or (sign -1) undo that, before the last step is removed."""
     for key in path[-1][1]:
         taken[key] = taken.get(key, 0) + sign
-    if len(path) > _LOOP_WINDOW:
-        for key in path[-1 - _LOOP_WINDOW][1]:
+    if len(path) > window:
+        for key in path[-1 - window][1]:
             taken[key] -= sign
+
+
+def _rank(taken: dict[tuple, int], state: bytes, byte_class: int, byte: int, steady: bool) -> tuple[int, int, int]:
+    """Where a byte goes in the closing search's order at a state met before: its class by how often
+    it was taken there (with `steady`, closers and separators stay first), then the byte by how
+    often it was taken there."""
+    by_class = 0 if steady and byte_class in _STEADY else taken.get((state, "class", byte_class), 0)
+    return by_class, byte_class, taken.get((state, "byte", byte), 0)
 
 
 class _Cursor:
@@ -343,39 +352,40 @@ class _Cursor:
 
         A depth-first search over one-byte tokens: forced bytes are taken whole; otherwise the
         allowed bytes are tried class by class (`_BYTE_CLASSES`), except that where the search
-        comes back, within _LOOP_WINDOW steps, to a state with the same allowed set (the same
-        mask), it tries first the classes (closers and separators stay first), then the bytes, it
-        took there least often: that ends repetitions such as [a-z]+, (ab)+ or ([0-9],)+.  Where
-        no one-byte token is allowed, tokens of any length, shortest first.  It backs up at dead
-        ends and gives up after _PLAN_TRIES steps.  A state whose mask was met before tries the
+        comes back, within 8 steps, to a state with the same allowed set (the same mask), it tries
+        first the classes (closers and separators stay first), then the bytes, it took there least
+        often: that ends repetitions such as [a-z]+, (ab)+ or ([0-9],)+.  Where no one-byte token
+        is allowed, tokens of any length, shortest first.  It backs up at dead ends; after 256
+        steps it starts again counting returns over the whole path and for every class, which
+        ends longer loops such as (x, )*, and gives up after 1024 more.  A state whose mask was met before tries the
         completion found from there first (checked: equal masks need not mean equal states).  The
         bytes found are retokenized into fewer tokens where the tokenizer has them.  Results are
         kept until the next commit."""
         key = tuple(self.path)
         if key not in self.closings:
-            plan = self._search()
+            self.stats["plans"] += 1
+            plan = next((p for p in (self._search(*settings) for settings in _PASSES) if p is not None), None)
             self.closings[key] = plan if plan is None else self._retokenized(plan)
         return self.closings[key]
 
-    def _search(self) -> list[int] | None:
-        self.stats["plans"] += 1
+    def _search(self, window: int, steady: bool, limit: int) -> list[int] | None:
         path: list[tuple[list[int], tuple]] = []        # (tokens, choice keys) at each depth
         states: list[tuple[int, tuple]] = []            # (depth, mask key) of the states met on the path
-        taken: dict[tuple, int] = {}                    # choice keys -> times in the last _LOOP_WINDOW steps
+        taken: dict[tuple, int] = {}                    # choice keys -> times in the last `window` steps
         frames: list[Any] = []
         tries = 0
         while not self.m.is_accepting():
-            moves = self._expand(path, states, taken)
+            moves = self._expand(path, states, taken, steady)
             if moves is None:                           # a known completion took it to the end
                 break
             frames.append(moves)
-            while frames and tries < _PLAN_TRIES:       # the next step: down a new branch, or back up
+            while frames and tries < limit:       # the next step: down a new branch, or back up
                 move = next(frames[-1], None)
                 if move is None:
                     frames.pop()
                     if path:
                         self.rollback(len(path[-1][0]))
-                        _count(taken, path, -1)
+                        _count(taken, path, -1, window)
                         path.pop()
                     while states and states[-1][0] > len(path):
                         states.pop()
@@ -384,7 +394,7 @@ class _Cursor:
                 if self.m.validate_tokens(move[0]) == len(move[0]):
                     self.consume(move[0])
                     path.append(move)
-                    _count(taken, path, +1)
+                    _count(taken, path, +1, window)
                     break
             else:
                 while path:
@@ -400,7 +410,7 @@ class _Cursor:
         return plan
 
     def _expand(self, path: list[tuple[list[int], tuple]], states: list[tuple[int, tuple]],
-                taken: dict[tuple, int]) -> Any:
+                taken: dict[tuple, int], steady: bool) -> Any:
         """The closing search at a new state: its next steps, best first, as (tokens, choice keys);
         or None after taking the path to a complete text with a completion known for this mask."""
         bridge = self.bridge
@@ -418,9 +428,8 @@ class _Cursor:
             return None
         rows = np.flatnonzero(allowed)
         if taken.get((state,)):                         # been here on this path: least taken first
-            rows = sorted(rows.tolist(), key=lambda i: (
-                0 if bridge.byte_classes[i] in _STEADY else taken.get((state, "class", bridge.byte_classes[i]), 0),
-                bridge.byte_classes[i], taken.get((state, "byte", bridge.byte_values[i]), 0)))
+            rows = sorted(rows.tolist(), key=lambda i: _rank(taken, state, bridge.byte_classes[i],
+                                                             bridge.byte_values[i], steady))
         moves = [([int(bridge.byte_ids[i])], ((state,), (state, "class", bridge.byte_classes[i]),
                                                (state, "byte", bridge.byte_values[i]))) for i in rows]
         if not moves:                                   # no one-byte token fits: any token, shortest first
@@ -477,7 +486,10 @@ class CanvasConstraint:
         if text and not self.matcher.consume_tokens(text):
             raise PortableDGError(f"constraint: internal error ({self.matcher.get_error()})")
         self.committed += len(text)
+        root = self._closings.get(tuple(text))          # the walk's way to complete this text, which fit the budget
         self._closings.clear()
+        if root is not None:
+            self._closings[()] = root
         if end < len(ids):
             if not self.matcher.is_accepting():
                 raise PortableDGError(f"constraint: EOS committed at canvas position {end}, where the text is "
@@ -606,6 +618,8 @@ class CanvasConstraint:
                         return j
             cursor.consume([t])
             out[j] = t
+            if plan is not None:
+                cursor.closings[tuple(cursor.path)] = plan
         return None
 
     def _closable(self, cursor: _Cursor, out: np.ndarray, budget_left: int) -> tuple[int, list[int] | None]:
