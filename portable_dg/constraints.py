@@ -44,6 +44,7 @@ _STEADY = (0, 2)            # closers and separators
 # the closing search's two passes: (steps back in which it looks for a state coming back, closers and
 # separators kept first there, steps it may try); the second ends long loops such as (x, )*
 _PASSES = ((8, True, 256), (1 << 30, False, 1024))
+_NOISE_DRAWS = 3            # further uniform draws a refused noise id gets before the mask is computed
 _KNOWN_STATES = 4096        # completions remembered by mask (then forgotten all at once)
 _SCAN_MISSES = 8            # failed closing searches after which the budget scan stops looking further back
 
@@ -237,6 +238,15 @@ def resample_uniform(u: float) -> float:
     return ((z ^ (z >> 31)) >> 11) / float(1 << 53)
 
 
+def _fresh_uniforms(u: float, n: int) -> list[float]:
+    """n uniforms derived from u, one after the other by resample_uniform."""
+    out = []
+    for _ in range(n):
+        u = resample_uniform(u)
+        out.append(u)
+    return out
+
+
 def mask_allows(mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Whether each id is allowed by a bitmask [ceil(V / 32)] int32 (bit i % 32 of word i // 32)."""
     ids = np.asarray(ids, np.int64)
@@ -247,14 +257,16 @@ _BYTE_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.int64)
 
 
 def popcount(mask: np.ndarray) -> np.ndarray:
-    """Allowed ids per 32-bit word of a bitmask [W] -> [W] int64."""
+    """Allowed ids per 32-bit word of a bitmask [W] -> [W] int."""
+    if hasattr(np, "bitwise_count"):                    # numpy >= 2
+        return np.bitwise_count(mask.view(np.uint32))
     return _BYTE_POPCOUNT[mask.view(np.uint8)].reshape(-1, 4).sum(axis=1)
 
 
 def nth_allowed(mask: np.ndarray, n: int) -> int:
     """The n-th allowed id (from 0) of a bitmask, counting upwards."""
     words = mask.view(np.uint32)
-    counts = np.cumsum(popcount(mask))
+    counts = np.cumsum(popcount(mask), dtype=np.int64)
     w = int(np.searchsorted(counts, n, side="right"))
     n -= int(counts[w - 1]) if w else 0
     bits = np.nonzero((int(words[w]) >> np.arange(32)) & 1)[0]
@@ -430,14 +442,13 @@ class _Cursor:
         if taken.get((state,)):                         # been here on this path: least taken first
             rows = sorted(rows.tolist(), key=lambda i: _rank(taken, state, bridge.byte_classes[i],
                                                              bridge.byte_values[i], steady))
-        moves = [([int(bridge.byte_ids[i])], ((state,), (state, "class", bridge.byte_classes[i]),
-                                               (state, "byte", bridge.byte_values[i]))) for i in rows]
-        if not moves:                                   # no one-byte token fits: any token, shortest first
+        if not len(rows):                               # no one-byte token fits: any token, shortest first
             ids = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:bridge.vocab_size])
             ids = ids[~np.isin(ids, list(bridge.eos_ids))]
-            moves = [([int(i)], ((state,), (state, "token", int(i))))
-                     for i in ids[np.argsort(bridge.token_lengths()[ids], kind="stable")][:16]]
-        return iter(moves)
+            return iter([([int(i)], ((state,), (state, "token", int(i))))
+                         for i in ids[np.argsort(bridge.token_lengths()[ids], kind="stable")][:16]])
+        return (([int(bridge.byte_ids[i])], ((state,), (state, "class", bridge.byte_classes[i]),
+                                              (state, "byte", bridge.byte_values[i]))) for i in rows)
 
     def _retokenized(self, plan: list[int]) -> list[int]:
         """The plan's bytes in fewer tokens, where the tokenizer has them and they complete the text too."""
@@ -533,7 +544,7 @@ class CanvasConstraint:
             return model_canvas, topk_ids[:, 0].copy()
         self.stats["walks"] += 1
         cursor = _Cursor(self.matcher, self.bridge, self.stats, self._closings, self._known)
-        eos = self.bridge.eos_ids
+        eos, V = self.bridge.eos_ids, self.bridge.vocab_size
 
         def device(j: int, mask: np.ndarray, kind: str) -> int:
             t = int(masked_choice(j, mask, kind))
@@ -552,12 +563,14 @@ class CanvasConstraint:
                 if ok.any():
                     return int(topk_ids[j][ok][_inverse_cdf(topk_logits[j][ok], resample_uniform(uniforms[j]))])
                 return device(j, mask, "sample")
-            if int(noise_ids[j]) not in eos and cursor.valid(int(noise_ids[j])):
-                return int(noise_ids[j])
+            u = float(uniforms[j])
+            for draw in [int(noise_ids[j])] + [int(u_k * V) for u_k in _fresh_uniforms(u, _NOISE_DRAWS)]:
+                if draw not in eos and cursor.valid(draw):
+                    return draw                         # rejection sampling: uniform over the allowed tokens
             mask = cursor.mask()
             text = clear_ids(mask, eos)                 # noise ends the text only where nothing else may follow
             mask = text if text.any() else mask
-            return nth_allowed(mask, int(uniforms[j] * int(popcount(mask).sum())))
+            return nth_allowed(mask, int(u * int(popcount(mask).sum(dtype=np.int64))))
 
         def argmax_choice(j: int) -> int:
             if cursor.valid(int(topk_ids[j, 0])):
