@@ -246,7 +246,7 @@ def test_budget_ending_mid_structure_closes_the_text(bpe, constraint):
     """A model that never writes EOS: every text ends with the budget, and the walk closes it in time."""
     tokenizer, V = bpe
     c = make_constraint(**constraint)
-    for seed in range(20):
+    for seed in range(10):
         out = denoise(token_bridge(tokenizer, V, [EOS]), c, seed, L=12, canvases=6, eos_bias=-30.0)
         assert out.accepting, f"seed {seed}: {out.text!r}"
         if "json_schema" in constraint:
@@ -380,6 +380,10 @@ def test_commit_refuses_a_canvas_that_breaks_the_constraint(bpe):
     assert state.finished and state.accepting
     with pytest.raises(PortableDGError, match="after the text ended"):
         state.commit(tokenizer.encode("3"))
+    letters = np.array([tokenizer.encode(c)[0] for c in "abcd"])     # after the end: the model's own tokens
+    canvas, argmax = state.walk(letters, np.ones(4, bool), letters[:, None], np.zeros((4, 1)), np.full(4, .5),
+                                letters, lambda j, allowed, kind: 0)
+    assert canvas.tolist() == argmax.tolist() == letters.tolist()
 
 
 def test_masked_choice_outside_the_mask_is_refused(bpe):
