@@ -9,6 +9,7 @@ tokenizer is bridged to it once and cached.
 
     constraint = make_constraint(json_schema={"type": "object", ...})      # ConfigError if invalid
     state = CanvasConstraint(constraint, token_bridge(tokenizer, vocab_size, eos_ids))
+    canvas = state.start(noise_ids, uniforms, budget_left=...)            # every canvas's first canvas
     canvas, argmax = state.walk(sampled, accepted, topk_ids, topk_logits, uniforms, noise_ids,
                                 masked_choice, budget_left=...)            # every step
     state.commit(argmax)                                                   # every canvas
@@ -282,6 +283,20 @@ def clear_ids(mask: np.ndarray, ids: Sequence[int] | frozenset[int]) -> np.ndarr
     return out
 
 
+def _noise_choice(cursor: "_Cursor", noise_id: int, u: float) -> int:
+    """A re-noised position's token: the noise id where allowed, else a uniformly random allowed token
+    (rejection sampling with _NOISE_DRAWS draws derived from u, then a draw among the mask's tokens:
+    uniform over the allowed set either way).  EOS only where nothing else may follow."""
+    eos = cursor.bridge.eos_ids
+    for draw in [noise_id] + [int(u_k * cursor.bridge.vocab_size) for u_k in _fresh_uniforms(u, _NOISE_DRAWS)]:
+        if draw not in eos and cursor.valid(draw):
+            return draw
+    mask = cursor.mask()
+    text = clear_ids(mask, eos)
+    mask = text if text.any() else mask
+    return nth_allowed(mask, int(u * int(popcount(mask).sum(dtype=np.int64))))
+
+
 def _inverse_cdf(logits: np.ndarray, u: float) -> int:
     """Index of an inverse-CDF sample of softmax(logits) with the uniform u (host side, float64)."""
     cdf = np.cumsum(np.exp(logits.astype(np.float64) - logits.max()))
@@ -507,6 +522,19 @@ class CanvasConstraint:
                                       "not complete")
             self.finished = True
 
+    def start(self, noise_ids: np.ndarray, uniforms: np.ndarray, budget_left: int | None = None) -> np.ndarray:
+        """A canvas's starting canvas [L] int64 (before its first step): each noise id where the
+        constraint allows it after the tokens to its left, else a uniformly random allowed token
+        (as `walk` re-noises); `uniforms` [L] in [0, 1) drive that choice; `budget_left` as in `walk`."""
+        noise_ids, uniforms = np.asarray(noise_ids, np.int64), np.asarray(uniforms, np.float64)
+        if len(uniforms) != len(noise_ids):
+            raise ValueError(f"start: {len(noise_ids)} noise ids but {len(uniforms)} uniforms")
+        if self.finished:
+            return noise_ids.copy()
+        cursor = _Cursor(self.matcher, self.bridge, self.stats, self._closings, self._known)
+        return self._walk(cursor, lambda j: _noise_choice(cursor, int(noise_ids[j]), float(uniforms[j])),
+                          noise_ids, budget_left)
+
     def walk(self, sampled: np.ndarray, accepted: np.ndarray, topk_ids: np.ndarray, topk_logits: np.ndarray,
              uniforms: np.ndarray, noise_ids: np.ndarray, masked_choice: MaskedChoice,
              budget_left: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -544,7 +572,6 @@ class CanvasConstraint:
             return model_canvas, topk_ids[:, 0].copy()
         self.stats["walks"] += 1
         cursor = _Cursor(self.matcher, self.bridge, self.stats, self._closings, self._known)
-        eos, V = self.bridge.eos_ids, self.bridge.vocab_size
 
         def device(j: int, mask: np.ndarray, kind: str) -> int:
             t = int(masked_choice(j, mask, kind))
@@ -563,14 +590,7 @@ class CanvasConstraint:
                 if ok.any():
                     return int(topk_ids[j][ok][_inverse_cdf(topk_logits[j][ok], resample_uniform(uniforms[j]))])
                 return device(j, mask, "sample")
-            u = float(uniforms[j])
-            for draw in [int(noise_ids[j])] + [int(u_k * V) for u_k in _fresh_uniforms(u, _NOISE_DRAWS)]:
-                if draw not in eos and cursor.valid(draw):
-                    return draw                         # rejection sampling: uniform over the allowed tokens
-            mask = cursor.mask()
-            text = clear_ids(mask, eos)                 # noise ends the text only where nothing else may follow
-            mask = text if text.any() else mask
-            return nth_allowed(mask, int(u * int(popcount(mask).sum(dtype=np.int64))))
+            return _noise_choice(cursor, int(noise_ids[j]), float(uniforms[j]))
 
         def argmax_choice(j: int) -> int:
             if cursor.valid(int(topk_ids[j, 0])):

@@ -170,6 +170,8 @@ def denoise(bridge, constraint, seed: int, *, L: int = 16, canvases: int = 5, st
     ids: list[int] = []
     ended = False
     for block in range(canvases):
+        budget_left = (canvases - block) * L if budget else None
+        oracle.check(state.start(rng.integers(0, V, L), rng.random(L), budget_left), f"seed {seed} start {block}")
         for step in range(steps):
             logits = rng.normal(size=(L, V)) * 3.0
             logits[:, EOS] += eos_bias
@@ -180,8 +182,7 @@ def denoise(bridge, constraint, seed: int, *, L: int = 16, canvases: int = 5, st
             topk = np.argsort(-logits, axis=1, kind="stable")[:, :K]
             noise = rng.integers(0, V, L)
             walk_args = (sampled, accepted, topk, np.take_along_axis(logits, topk, 1), uniforms, noise)
-            canvas, argmax = state.walk(*walk_args, masked_choice_from(logits, uniforms),
-                                        budget_left=(canvases - block) * L if budget else None)
+            canvas, argmax = state.walk(*walk_args, masked_choice_from(logits, uniforms), budget_left=budget_left)
             oracle.check(canvas, f"seed {seed} canvas {block} step {step} (sample)")
             oracle.check(argmax, f"seed {seed} canvas {block} step {step} (argmax)")
             if on_walk is not None:
