@@ -554,11 +554,12 @@ class CanvasConstraint:
                 (None: no limit); the walk steers towards a complete text before they run out.
 
         Returns (canvas, argmax).  canvas: accepted positions keep the sample where it is allowed,
-        else get a sample of the allowed top-K; other positions keep their noise id where it is
-        allowed, else get a uniformly random allowed token.  argmax: the model's argmax where
-        allowed, else the likeliest allowed candidate (what the sampler drafts, compares and
-        commits).  EOS only where the text is complete; after the first EOS both keep the model's
-        own tokens (sample or noise; argmax): they are padding."""
+        else get a sample of the allowed top-K (each candidate checked, no mask), else the device's
+        masked sample; other positions keep their noise id where it is allowed, else get a
+        uniformly random allowed token (see `_noise_choice`).  argmax: the model's argmax where
+        allowed, else the likeliest allowed candidate, else the device's masked argmax (what the
+        sampler drafts, compares and commits).  EOS only where the text is complete; after the
+        first EOS both keep the model's own tokens (sample or noise; argmax): they are padding."""
         L = len(sampled)
         sampled, noise_ids = np.asarray(sampled, np.int64), np.asarray(noise_ids, np.int64)
         accepted, uniforms = np.asarray(accepted, bool), np.asarray(uniforms, np.float64)
@@ -585,21 +586,17 @@ class CanvasConstraint:
             if accepted[j]:
                 if cursor.valid(int(sampled[j])):
                     return int(sampled[j])
-                mask = cursor.mask()
-                ok = mask_allows(mask, topk_ids[j])
+                ok = np.array([cursor.valid(int(t)) for t in topk_ids[j]])      # checks: cheaper than a mask
                 if ok.any():
                     return int(topk_ids[j][ok][_inverse_cdf(topk_logits[j][ok], resample_uniform(uniforms[j]))])
-                return device(j, mask, "sample")
+                return device(j, cursor.mask(), "sample")
             return _noise_choice(cursor, int(noise_ids[j]), float(uniforms[j]))
 
         def argmax_choice(j: int) -> int:
-            if cursor.valid(int(topk_ids[j, 0])):
-                return int(topk_ids[j, 0])
-            mask = cursor.mask()
-            ok = mask_allows(mask, topk_ids[j])
-            if ok.any():
-                return int(topk_ids[j][ok][np.argmax(topk_logits[j][ok])])
-            return device(j, mask, "argmax")
+            for i in np.argsort(-topk_logits[j], kind="stable"):                # likeliest allowed candidate
+                if cursor.valid(int(topk_ids[j, i])):
+                    return int(topk_ids[j, i])
+            return device(j, cursor.mask(), "argmax")
 
         canvas = self._walk(cursor, sample_choice, model_canvas, budget_left)
         argmax = self._walk(cursor, argmax_choice, topk_ids[:, 0], budget_left)
