@@ -477,12 +477,16 @@ class CanvasConstraint:
     `walk` proposes canvases that respect the constraint; `commit` advances over a committed one.
     `stats` counts the work done (walks, masks, closing searches, device choices, replaced tokens)."""
 
-    def __init__(self, constraint: Constraint, bridge: TokenBridge, candidates: int = 16):
+    def __init__(self, constraint: Constraint, bridge: TokenBridge, candidates: int = 16,
+                 constrain_noise: bool = False):
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ConfigError(f"candidates must be a positive integer, got {candidates!r}")
         llg = _llguidance()
         self.constraint, self.bridge = constraint, bridge
         self.candidates = candidates            # K: top-K candidates per position the walk wants
+        # Re-noised positions: False keeps the uniform noise the model was trained to read (the walk
+        # reads the position as its likeliest allowed token); True writes allowed tokens there too.
+        self.constrain_noise = constrain_noise
         self.matcher = llg.LLMatcher(bridge.llt, constraint.grammar, log_level=0)
         if self.matcher.is_error():
             raise ConfigError(f"{constraint.kind}: {_one_line(self.matcher.get_error())}")
@@ -529,7 +533,7 @@ class CanvasConstraint:
         noise_ids, uniforms = np.asarray(noise_ids, np.int64), np.asarray(uniforms, np.float64)
         if len(uniforms) != len(noise_ids):
             raise ValueError(f"start: {len(noise_ids)} noise ids but {len(uniforms)} uniforms")
-        if self.finished:
+        if self.finished or not self.constrain_noise:
             return noise_ids.copy()
         cursor = _Cursor(self.matcher, self.bridge, self.stats, self._closings, self._known)
         return self._walk(cursor, lambda j: _noise_choice(cursor, int(noise_ids[j]), float(uniforms[j])),
@@ -590,6 +594,8 @@ class CanvasConstraint:
                 if ok.any():
                     return int(topk_ids[j][ok][_inverse_cdf(topk_logits[j][ok], resample_uniform(uniforms[j]))])
                 return device(j, cursor.mask(), "sample")
+            if not self.constrain_noise:       # the walk goes on from the likeliest allowed token here
+                return argmax_choice(j)
             return _noise_choice(cursor, int(noise_ids[j]), float(uniforms[j]))
 
         def argmax_choice(j: int) -> int:
@@ -599,6 +605,8 @@ class CanvasConstraint:
             return device(j, cursor.mask(), "argmax")
 
         canvas = self._walk(cursor, sample_choice, model_canvas, budget_left)
+        if not self.constrain_noise:
+            canvas = np.where(accepted, canvas, noise_ids)          # the trained noise, where the model re-noises
         argmax = self._walk(cursor, argmax_choice, topk_ids[:, 0], budget_left)
         self.stats["replaced"] += int((canvas != model_canvas).sum() + (argmax != topk_ids[:, 0]).sum())
         return canvas, argmax

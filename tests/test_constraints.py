@@ -24,91 +24,16 @@ from portable_dg.constraints import (CanvasConstraint, make_constraint, mask_all
                                      nth_allowed, resample_uniform, token_bridge)
 from portable_dg.errors import ConfigError, PortableDGError  # noqa: E402
 from portable_dg.tokenizer import Tokenizer  # noqa: E402
+from bpe import ARITHMETIC, ARITHMETIC_GBNF, DATE, ORDER, PERSON, SETTINGS, SLUG, train_bpe  # noqa: E402
 
 SEEDS = range(50)
 EOS = 1
 K = 8
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {"type": "object",
-                    "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-        "scores": {"type": "array", "items": {"type": "number"}, "maxItems": 4},
-    },
-    "required": ["name", "age", "role", "address", "scores"],
-    "additionalProperties": False,
-}
-ORDER = {
-    "type": "object",
-    "properties": {
-        "status": {"enum": ["open", "paid", "shipped"]},
-        "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
-            "type": "object",
-            "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
-                           "qty": {"type": "integer", "minimum": 1}, "price": {"type": "number"}},
-            "required": ["sku", "qty"], "additionalProperties": False}},
-        "gift": {"type": "boolean"},
-    },
-    "required": ["status", "items"],
-    "additionalProperties": False,
-}
-SETTINGS = {
-    "type": "object",
-    "properties": {
-        "version": {"enum": [1, 2, 3]},
-        "limits": {"type": "object", "properties": {
-            "cpu": {"type": "number", "minimum": 0, "maximum": 64},
-            "tags": {"type": "array", "items": {"enum": ["fast", "safe", "cheap"]}, "maxItems": 3},
-            "nested": {"type": "object",
-                       "properties": {"on": {"type": "boolean"}, "note": {"type": ["string", "null"]}},
-                       "required": ["on", "note"], "additionalProperties": False}},
-            "required": ["cpu", "tags", "nested"], "additionalProperties": False},
-    },
-    "required": ["version", "limits"],
-    "additionalProperties": False,
-}
-DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T[0-9]{2}:[0-9]{2}"
-SLUG = r"[a-z]+(-[0-9]{2,4})+ (yes|no)"
-ARITHMETIC = """start: expr
-expr: term (("+" | "-") term)*
-term: factor (("*" | "/") factor)*
-factor: NUMBER | "(" expr ")"
-NUMBER: /[0-9]+/
-"""
-ARITHMETIC_GBNF = """root ::= expr
-expr ::= term (("+" | "-") term)*
-term ::= factor (("*" | "/") factor)*
-factor ::= [0-9]+ | "(" expr ")"
-"""
-
-
-def _corpus(rng: np.random.Generator):
-    words = ["alpha", "beta", "name", "age", "role", "address", "city", "zip", "scores", "admin", "user", "guest",
-             "status", "items", "sku", "qty", "price", "gift", "open", "paid", "shipped", "version", "limits", "cpu",
-             "tags", "nested", "on", "note", "fast", "safe", "cheap", "true", "false", "null"]
-    for _ in range(300):
-        doc = {str(rng.choice(words)): [int(rng.integers(1000)), round(float(rng.random()), 3), str(rng.choice(words))],
-               "name": " ".join(rng.choice(words, 3)), "n": int(rng.integers(-50, 50)), "ok": bool(rng.random() < .5)}
-        yield json.dumps(doc) + f" ({rng.integers(99)}+{rng.integers(9)})*4-5/6 AB-123 2024-01-31T12:30 " + \
-            " ".join(rng.choice(words, 8))
-
-
 @pytest.fixture(scope="module")
 def bpe() -> tuple[Tokenizer, int]:
     """A byte-level BPE tokenizer trained here (about 600 tokens) and a model vocabulary 4 ids larger."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(_corpus(np.random.default_rng(0)), trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<pad>", "<eos>", "<bos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = train_bpe()
     return Tokenizer(hf, "tokenizers", special_ids=[0, 1, 2]), hf.get_vocab_size() + 4
 
 
@@ -160,18 +85,25 @@ def masked_choice_from(logits: np.ndarray, uniforms: np.ndarray):
 
 
 def denoise(bridge, constraint, seed: int, *, L: int = 16, canvases: int = 5, steps: int = 2,
-            eos_bias: float = 2.0, budget: bool = True, on_walk=None) -> Result:
+            eos_bias: float = 2.0, budget: bool = True, on_walk=None, constrain_noise: bool = False) -> Result:
     """Generate with random logits: `canvases` canvases of `steps` walks each, the last argmax
-    committed; checks every walk's canvases and every commit."""
+    committed; checks every walk's canvases and every commit.  Without constrain_noise the
+    re-noised positions keep their noise ids (checked) and the other canvas tokens are checked
+    through the argmax walk that commits."""
     rng = np.random.default_rng(seed)
-    state = CanvasConstraint(constraint, bridge, candidates=K)
+    state = CanvasConstraint(constraint, bridge, candidates=K, constrain_noise=constrain_noise)
     oracle = Oracle(state)
     V = bridge.vocab_size
     ids: list[int] = []
     ended = False
     for block in range(canvases):
         budget_left = (canvases - block) * L if budget else None
-        oracle.check(state.start(rng.integers(0, V, L), rng.random(L), budget_left), f"seed {seed} start {block}")
+        start_noise = rng.integers(0, V, L)
+        start = state.start(start_noise, rng.random(L), budget_left)
+        if constrain_noise:
+            oracle.check(start, f"seed {seed} start {block}")
+        else:
+            np.testing.assert_array_equal(start, start_noise)
         for step in range(steps):
             logits = rng.normal(size=(L, V)) * 3.0
             logits[:, EOS] += eos_bias
@@ -183,7 +115,10 @@ def denoise(bridge, constraint, seed: int, *, L: int = 16, canvases: int = 5, st
             noise = rng.integers(0, V, L)
             walk_args = (sampled, accepted, topk, np.take_along_axis(logits, topk, 1), uniforms, noise)
             canvas, argmax = state.walk(*walk_args, masked_choice_from(logits, uniforms), budget_left=budget_left)
-            oracle.check(canvas, f"seed {seed} canvas {block} step {step} (sample)")
+            if constrain_noise:
+                oracle.check(canvas, f"seed {seed} canvas {block} step {step} (sample)")
+            else:
+                np.testing.assert_array_equal(canvas[~accepted], noise[~accepted])
             oracle.check(argmax, f"seed {seed} canvas {block} step {step} (argmax)")
             if on_walk is not None:
                 on_walk(oracle, walk_args, canvas, argmax)
@@ -296,8 +231,19 @@ def test_walk_keeps_every_allowed_model_token(bpe):
 
     for seed in range(10):
         denoise(token_bridge(tokenizer, V, [EOS]), make_constraint(json_object=True), seed, budget=False,
-                on_walk=check)
+                on_walk=check, constrain_noise=True)
     assert min(kept) > 50
+
+
+@pytest.mark.parametrize("constraint", [dict(json_schema=ORDER), dict(json_object=True), dict(regex=DATE),
+                                        dict(grammar=ARITHMETIC)], ids=["order", "object", "date", "arithmetic"])
+def test_constrained_noise_writes_only_allowed_tokens(bpe, constraint):
+    """constrain_noise: re-noised positions and starting canvases hold allowed tokens too (every
+    canvas checked by the oracle inside `denoise`), and the texts are still whole."""
+    tokenizer, V = bpe
+    c = make_constraint(**constraint)
+    for seed in range(10):
+        assert denoise(token_bridge(tokenizer, V, [EOS]), c, seed, constrain_noise=True).accepting
 
 
 def test_walk_is_deterministic(bpe):

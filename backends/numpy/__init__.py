@@ -139,7 +139,13 @@ class NumpyBackend:
         return np.multiply(x, cap, out=x)
 
     def top_k(self, x: np.ndarray, k: int):
-        ids = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        if 8 * k < x.shape[-1]:      # a vocabulary: partition (O(V)), then order the k: largest, then lowest id
+            part = np.argpartition(-x, k - 1, axis=-1)[..., :k]
+            values = np.take_along_axis(x, part, axis=-1)
+            order = np.lexsort((part, -values), axis=-1)
+            ids = np.take_along_axis(part, order, axis=-1)
+        else:
+            ids = np.argsort(-x, axis=-1, kind="stable")[..., :k]
         return np.take_along_axis(x, ids, axis=-1), ids
 
     def take(self, vector: np.ndarray, ids: np.ndarray) -> np.ndarray:

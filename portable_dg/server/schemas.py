@@ -20,8 +20,7 @@ KNOBS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_t
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
                "function_call": (None, "none"), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
                "logit_bias": (None, {}), "echo": (None, False), "best_of": (None, 1),
-               "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
-               "prediction": (None,)}
+               "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 
 
 class ApiError(Exception):
@@ -55,6 +54,28 @@ class DiffusionKnobs(Strict):
         return {k: getattr(self, k) for k in KNOBS + ("seed",)}
 
 
+class JsonSchemaFormat(Strict):
+    """OpenAI's response_format.json_schema."""
+
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    """OpenAI's response_format: text, any JSON object, or a JSON Schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def check_schema(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
     include_drafts: bool = False
@@ -76,6 +97,9 @@ class Sampling(DiffusionKnobs):
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None               # Lark or GBNF (llguidance's dialects)
+    regex: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -90,6 +114,25 @@ class Sampling(DiffusionKnobs):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    @model_validator(mode="after")
+    def check_constraint(self) -> "Sampling":
+        formats = self.response_format is not None and self.response_format.type != "text"
+        if formats + (self.grammar is not None) + (self.regex is not None) > 1:
+            raise ValueError("give at most one of response_format (json_object/json_schema), grammar and regex")
+        return self
+
+    def constraint(self) -> dict[str, Any]:
+        """The engine's constraint options of this request."""
+        if self.grammar is not None:
+            return {"grammar": self.grammar}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.response_format is None or self.response_format.type == "text":
+            return {}
+        if self.response_format.type == "json_object":
+            return {"json_object": True}
+        return {"json_schema": self.response_format.json_schema.schema_}
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -116,7 +116,8 @@ class Service:
         knobs = {k: v for k, v in body.knobs().items() if v is not None}
         if knobs.get("seed") == -1:                      # llama.cpp's "random"
             del knobs["seed"]
-        return {**knobs, "max_new_tokens": max_new_tokens, "greedy": greedy}
+        constraint = body.constraint() if hasattr(body, "constraint") else {}
+        return {**knobs, **constraint, "max_new_tokens": max_new_tokens, "greedy": greedy}
 
     def plan(self, body: Any, spans: list[Span]) -> tuple[CanvasPlan, dict[str, Any]]:
         """An infill/edit's canvas plan and engine options: one canvas, its pins and starting ids."""
