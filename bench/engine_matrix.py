@@ -92,7 +92,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['backend']} | {r['sequential_s']:.2f} | {r['batch_s']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['same_answers']} | {r['steps_mean']:.1f} / {r['steps_max']} |")
     lines += ["", "## pdg bench --batch (fixed steps, early stop off)", "",
-              "| model | backend | batch | canvas tok/s | vs batch 1 | ms/step | peak host GiB |", "|---|---|---|---|---|---|---|"]
+              "| model | backend | batch | canvas tok/s | vs batch 1 | ms/step | peak host GiB |",
+              "|---|---|---|---|---|---|---|"]
     for model, rows in results["bench"].items():
         base = {r["backend"]: r["canvas_tok_s"] for r in rows if r["batch"] == 1}
         for r in rows:
