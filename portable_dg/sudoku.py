@@ -277,75 +277,21 @@ def score(pairs: Sequence[tuple[np.ndarray, np.ndarray]], answers: Sequence[np.n
                       [grid_text(a) for a in answers])
 
 
-def evaluate(model: Any, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *,
+def evaluate(model: Any, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, batch: int = 16,
              progress: Callable[[int], Any] | None = None, **generate_options: Any) -> Evaluation:
-    """Solve every puzzle of (puzzle, solution) pairs; `progress(i)` after each."""
+    """Solve every puzzle of (puzzle, solution) pairs, `batch` at a time (each puzzle's answer is
+    what it gets alone: the same options, its own random stream); `progress(n)` after each batch
+    of n puzzles."""
+    from .engine import generate_batch
+
     answers, steps = [], []
-    for i, (puzzle, _) in enumerate(pairs):
-        result = solve(model, puzzle, **generate_options)
-        answers.append(result.grid)
-        steps.append(result.steps)
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        outs = generate_batch(model, [prompt_ids(puzzle) for puzzle, _ in chunk], max_new_tokens=CELLS,
+                              **generate_options)
+        for out in outs:
+            answers.append(grid_from_ids(out.sequences[0, out.prompt_length:]))
+            steps.append(sum(out.steps))
         if progress is not None:
-            progress(i + 1)
+            progress(len(chunk))
     return score(pairs, answers, steps)
-
-
-def reference_evaluate(path: str | Path, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                       max_denoising_steps: int | None = None,
-                       progress: Callable[[int], Any] | None = None) -> Evaluation:
-    """The transformers reference on the same checkpoint, made deterministic (spec §7.3): the
-    canvas noise is `noise_pattern` and `torch.multinomial` is the argmax.  Needs torch and
-    transformers; compare with `evaluate(..., noise=pattern_noise(V), greedy=True)`.
-    max_denoising_steps: None keeps the checkpoint's generation config."""
-    try:
-        import torch
-        from transformers import DiffusionGemmaForBlockDiffusion
-        from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
-    except ImportError:
-        raise ConfigError("--compare transformers needs torch and transformers installed") from None
-
-    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).eval()
-    vocab_size, length = hf.config.text_config.vocab_size, hf.config.canvas_length
-    fixed = torch.from_numpy(noise_pattern(length, vocab_size))
-
-    def initialize_canvas(self, batch_size, device):
-        return fixed.to(device)[None].expand(batch_size, length).clone()
-
-    def argmax_multinomial(probs, num_samples, *args, **kwargs):
-        return probs.argmax(dim=-1, keepdim=True)
-
-    saved = hf_generation.EntropyBoundSampler.initialize_canvas, torch.multinomial
-    hf_generation.EntropyBoundSampler.initialize_canvas = initialize_canvas
-    torch.multinomial = argmax_multinomial
-    answers, steps = [], []
-    try:
-        for i, (puzzle, _) in enumerate(pairs):
-            calls = []
-            forward = hf.forward
-
-            def counting_forward(*args, **kwargs):
-                calls.append(1)                                # one decoder pass per denoising step
-                return forward(*args, **kwargs)
-
-            hf.forward = counting_forward
-            with torch.no_grad():
-                out = hf.generate(torch.from_numpy(prompt_ids(puzzle))[None], max_new_tokens=CELLS,
-                                  **({"max_denoising_steps": max_denoising_steps} if max_denoising_steps else {}))
-            del hf.forward
-            answers.append(grid_from_ids(out.sequences[0, PROMPT_LENGTH:].numpy()))
-            steps.append(len(calls))
-            if progress is not None:
-                progress(i + 1)
-    finally:
-        hf_generation.EntropyBoundSampler.initialize_canvas, torch.multinomial = saved
-    return score(pairs, answers, steps)
-
-
-def noise_pattern(n: int, vocab_size: int) -> np.ndarray:
-    """The deterministic stand-in for canvas noise (spec §7.3): (37 j + 5) mod V."""
-    return (37 * np.arange(n, dtype=np.int64) + 5) % vocab_size
-
-
-def pattern_noise(vocab_size: int) -> Callable[[int], np.ndarray]:
-    """A NoiseSource that always returns `noise_pattern`."""
-    return lambda n: noise_pattern(n, vocab_size)

@@ -2,7 +2,8 @@
 
 stdout gets the answer as one line of 81 digits (0 where the canvas holds no digit); the puzzle, the
 board and the verdict go to stderr.  The exit status is 1 when the answer breaks a Sudoku rule or a
-given, and for `--eval` when `--compare` finds the two implementations disagreeing.
+given.  (The comparison with transformers is `bench/sudoku_matrix.py`: it patches transformers,
+which the runtime never does.)
 """
 
 from __future__ import annotations
@@ -56,21 +57,18 @@ def draft_printer(stream=None):
               help=f"Score the model on the first N puzzles (at most {MAX_EVAL:,}) of the held-out test set instead.")
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
               help="With --eval: the held-out test set, or the validation set sampler settings are tuned on.")
-@click.option("--compare", type=click.Choice(["transformers"]), default=None,
-              help="With --eval: also run the transformers reference; both sides deterministic.")
-def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, eval_n, split, compare):
+def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, eval_n, split):
     """Solve PUZZLE (81 characters, 1-9 and 0 or . for blanks; default: a generated one)."""
     import portable_dg
     from .. import sudoku as sd
 
-    if compare and eval_n is None:
-        raise ConfigError("--compare needs --eval N")
     if eval_n is not None and puzzle is not None:
         raise ConfigError("give a PUZZLE or --eval N, not both")
     path = model_path or sd.default_model_path()
     model = portable_dg.load(path, backend=backend)
     if eval_n is not None:
-        sys.exit(run_eval(model, path, eval_n, split, difficulty, seed, steps, compare))
+        run_eval(model, eval_n, split, difficulty, seed, steps)
+        return
     if puzzle is None:
         puzzle = sd.grid_text(sd.puzzles(seed, 1, difficulty)[0][0])
     grid = sd.parse_puzzle(puzzle)
@@ -88,10 +86,9 @@ def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, ev
     sys.exit(1)
 
 
-def run_eval(model, path, n: int, split: str, difficulty: str, seed: int, steps: int | None,
-             compare: str | None) -> int:
-    """Print the scores on the first n puzzles of a split ("test" or "validation"); returns the
-    exit status.  Progress (puzzles made, puzzles solved) goes to stderr."""
+def run_eval(model, n: int, split: str, difficulty: str, seed: int, steps: int | None) -> None:
+    """Print the scores on the first n puzzles of a split ("test" or "validation").  Progress
+    (puzzles made, puzzles solved) goes to stderr."""
     from .. import sudoku as sd
     from ..progress import Progress
 
@@ -105,19 +102,6 @@ def run_eval(model, path, n: int, split: str, difficulty: str, seed: int, steps:
     givens = [int((p > 0).sum()) for p, _ in pairs]
     click.echo(f"{split} set: {n} {difficulty} puzzles, {min(givens)}-{max(givens)} givens "
                f"(mean {sum(givens) / n:.1f})", err=True)
-    options = dict(max_denoising_steps=steps)
-    if compare is None:
-        with Progress(n, "solving", "puzzle") as bar:
-            ours = sd.evaluate(model, pairs, seed=seed, progress=lambda i: bar.update(1), **options)
-        click.echo(f"portable_dg ({model.backend.name}, seed {seed}): {ours.summary()}")
-        return 0
-    noise = sd.pattern_noise(model.config.vocab_size)
-    with Progress(n, "portable_dg", "puzzle") as bar:
-        ours = sd.evaluate(model, pairs, noise=noise, greedy=True, progress=lambda i: bar.update(1), **options)
-    with Progress(n, "transformers", "puzzle") as bar:
-        ref = sd.reference_evaluate(path, pairs, max_denoising_steps=steps, progress=lambda i: bar.update(1))
-    agree = sum(a == b for a, b in zip(ours.answers, ref.answers))
-    click.echo(f"portable_dg (deterministic): {ours.summary()}")
-    click.echo(f"transformers (deterministic): {ref.summary()}")
-    click.echo(f"identical answers: {agree}/{n}")
-    return 0 if agree == n and ours.mean_steps == ref.mean_steps else 1
+    with Progress(n, "solving", "puzzle") as bar:
+        ours = sd.evaluate(model, pairs, seed=seed, max_denoising_steps=steps, progress=bar.update)
+    click.echo(f"portable_dg ({model.backend.name}, seed {seed}): {ours.summary()}")
