@@ -119,7 +119,7 @@ class Context:
         self.model.network.encode(ids[None], self.cache, [0])
 
 
-def load(path_or_repo_id: str | Path, backend: str | Backend = "numpy", max_context: int = 0,
+def load(path_or_repo_id: str | Path, backend: str | Backend = "auto", max_context: int = 0,
          check_memory: bool = True, **backend_options: Any) -> Model:
     """Load a checkpoint (HF directory, GGUF file, MLX directory or hub repo id) onto a backend.
 

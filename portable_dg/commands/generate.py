@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import ConfigError
+from .model_options import load_model, model_options
 
 
 def parse_ids(text: str) -> list[int]:
@@ -58,14 +59,7 @@ class DraftView:
 
 
 @click.command()
-@click.option("--model", "model_path", default=None,
-              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model, "
-                   "whose chat template takes a prompt holding an 81-character puzzle).")
-@click.option("--backend", default="auto", show_default=True,
-              help="auto, numpy, ggml, mlx or torch (auto: GGUF -> ggml, MLX on Apple Silicon -> mlx, "
-                   "CUDA -> torch, else the best CPU path).")
-@click.option("--device", default=None, help="Backend device (torch: cpu or cuda).")
-@click.option("--dtype", default=None, help="Backend compute dtype (numpy: float32 or float64).")
+@model_options
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-ids", "ids", default=None, help="Prompt as token ids, e.g. 2,10,11.")
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template "
@@ -88,11 +82,7 @@ def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_n
     """Generate from a prompt by block diffusion."""
     import portable_dg
 
-    if model_path is None:     # the bundled Sudoku model: its chat template refuses a prompt without a puzzle
-        from ..sudoku import default_model_path
-        model_path = default_model_path()
-    options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    model = portable_dg.load(model_path, backend=backend, **options)
+    model = load_model(model_path, backend, device, dtype)
     ids_in = prompt_ids(model, prompt, ids, chat, think)
     constraint = constraint_options(json_schema, json_object, regex, grammar)
     out = portable_dg.generate(model, ids_in, max_new_tokens=max_new_tokens, max_denoising_steps=steps,

@@ -1,4 +1,5 @@
-"""The options that choose and load a model, shared by the commands that run one (`pdg serve`, `pdg chat`)."""
+"""The options that choose and load a model, shared by the commands that run one (`pdg generate`,
+`pdg serve`, `pdg chat`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import click
 
 OPTIONS = [
     click.option("--model", "model_path", default=None,
-                 help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model)."),
-    click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch."),
+                 help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model, "
+                      "whose chat template takes a prompt holding an 81-character puzzle)."),
+    click.option("--backend", default="auto", show_default=True,
+                 help="auto, numpy, ggml, mlx or torch (auto: GGUF -> ggml, MLX on Apple Silicon -> mlx, "
+                      "CUDA -> torch, else the best CPU path)."),
     click.option("--device", default=None, help="Backend device (torch: cpu or cuda)."),
     click.option("--dtype", default=None, help="Backend compute dtype (numpy: float32 or float64)."),
 ]

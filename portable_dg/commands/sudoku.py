@@ -46,7 +46,7 @@ def draft_printer(stream=None):
 @click.command()
 @click.argument("puzzle", required=False)
 @click.option("--model", "model_path", default=None, help="Sudoku checkpoint (default: the bundled model).")
-@click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch.")
+@click.option("--backend", default="auto", show_default=True, help="auto, numpy, ggml, mlx or torch.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the sampler, and of the generated puzzle when none is given.")
 @click.option("--difficulty", type=click.Choice(["easy", "medium", "hard"]), default="easy",
