@@ -121,29 +121,38 @@ def test_sliding_ring_past_several_windows(tiny_model):
     np.testing.assert_allclose(stepwise.denoise(canvas), whole.denoise(canvas), atol=2e-5)
 
 
-def test_prefix_reuse_gives_the_fresh_result(tiny_model):
-    """A prompt that extends a finished sequence's prompt and committed canvases reuses its cache row
-    (encoding only the rest) and gives what a fresh cache gives."""
-    model = tiny_model("a")
-    V, L = vocab("a"), model.canvas_length
+def reuse(model, canvases: int, follow_up) -> tuple[Engine, object, int]:
+    """Run a first sequence of `canvases` canvases on an engine that parks its row, then a second
+    whose prompt is follow_up(first); returns (engine, second, the parked row).  The second must
+    reuse that row and give what a fresh cache gives (deterministic stand-ins)."""
+    V, L = model.config.vocab_size, model.canvas_length
     settings = dict(noise=pattern_noise(V), greedy=True)
     engine = Engine(model, max_batch=1, prefix_rows=1)
-    first = engine.submit(tiny_prompt(10, V), max_new_tokens=3 * L, **settings)
+    first = engine.submit(tiny_prompt(10, V), max_new_tokens=canvases * L, **settings)
     engine.run()
-    follow_up = np.concatenate([first.encoded, [7, 8, 9]])
-    assert len(first.encoded) == 10 + 2 * L                          # the last canvas is never encoded
-    reused_row = engine.parked[0].row
-    second = engine.submit(follow_up, max_new_tokens=L, **settings)
+    assert len(first.encoded) == 10 + (canvases - 1) * L             # the last canvas is never encoded
+    parked = engine.parked[0].row
+    prompt = follow_up(first.encoded)
+    second = engine.submit(prompt, max_new_tokens=L, **settings)
     engine.step()
-    assert second.row == reused_row and engine.cache.lengths[reused_row] == len(follow_up)
+    assert second.row == parked and engine.cache.lengths[parked] == len(prompt)
     engine.run()
-    fresh = portable_dg.generate(model, follow_up, max_new_tokens=L, **settings)
+    fresh = portable_dg.generate(model, prompt, max_new_tokens=L, **settings)
     np.testing.assert_array_equal(second.output.sequences, fresh.sequences)
-    reference = model.start(follow_up).cache
+    return engine, second, parked
+
+
+def test_prefix_reuse_gives_the_fresh_result(tiny_model):
+    """A prompt that extends a finished sequence's prompt and committed canvases reuses its cache row
+    (encoding only the rest): its keys and values are those of a fresh encode."""
+    model = tiny_model("a")
+    engine, second, row = reuse(model, 3, lambda encoded: np.concatenate([encoded, [7, 8, 9]]))
+    prompt = second.prompt
+    reference = model.start(prompt).cache
     for i in range(model.config.num_hidden_layers):
-        n = reference.visible(i, len(follow_up))
-        ours = engine.cache.read(i, reused_row, len(follow_up) - n, len(follow_up))
-        theirs = reference.read(i, 0, len(follow_up) - n, len(follow_up))
+        n = reference.visible(i, len(prompt))
+        ours = engine.cache.read(i, row, len(prompt) - n, len(prompt))
+        theirs = reference.read(i, 0, len(prompt) - n, len(prompt))
         for a, b in zip(ours, theirs):
             np.testing.assert_allclose(a, b, atol=2e-5)
 
@@ -151,17 +160,8 @@ def test_prefix_reuse_gives_the_fresh_result(tiny_model):
 def test_cut_back_prefix_reuse(tiny_model):
     """A prompt that agrees with a parked row only up to the middle of its last committed canvas still
     reuses it (the rings keep one canvas of slack)."""
-    model = tiny_model("a")
-    V, L = vocab("a"), model.canvas_length
-    settings = dict(noise=pattern_noise(V), greedy=True)
-    engine = Engine(model, max_batch=1, prefix_rows=1)
-    first = engine.submit(tiny_prompt(10, V), max_new_tokens=2 * L, **settings)
-    engine.run()
-    prompt = np.concatenate([first.encoded[:10 + L // 2], [1, 2, 3]])
-    second = engine.submit(prompt, max_new_tokens=L, **settings)
-    engine.run()
-    fresh = portable_dg.generate(model, prompt, max_new_tokens=L, **settings)
-    np.testing.assert_array_equal(second.output.sequences, fresh.sequences)
+    L = tiny_model("a").canvas_length
+    reuse(tiny_model("a"), 2, lambda encoded: np.concatenate([encoded[:10 + L // 2], [1, 2, 3]]))
 
 
 def test_cancel_frees_the_slot(tiny_model):
