@@ -255,7 +255,9 @@ def generate(model: Any, prompt_ids: Sequence[int] | np.ndarray, **options: Any)
     n -> n ids used for every canvas start and renoise, instead of the seeded generator); greedy
     (sample the argmax); start_canvas (the first canvas's initial ids); pinned (generated position
     -> id the sampler never changes, or positions whose ids come from start_canvas); on_step
-    (called with a StepInfo after every step) and on_block (a BlockInfo after every canvas)."""
+    (called with a StepInfo after every step) and on_block (a BlockInfo after every canvas).
+    Images: pixel_values, image_position_ids and mm_token_type_ids, the processor's arrays for
+    prompt_ids (see `Model.start`); the vision tower runs once, when the prompt is encoded."""
     from .engine import generate_batch
 
     return generate_batch(model, [prompt_ids], **options)[0]
