@@ -76,8 +76,12 @@ class Sequence:
 
     @property
     def encoded(self) -> np.ndarray:
-        """The tokens its cache row holds, as prefix reuse compares them (`keys`): the prompt and
-        every committed canvas but the last."""
+        """The tokens its cache row holds: the prompt and every committed canvas but the last."""
+        return np.concatenate([self.prompt, *self.blocks[:-1]]) if len(self.blocks) > 1 else self.prompt
+
+    @property
+    def encoded_keys(self) -> np.ndarray:
+        """`encoded` as prefix reuse compares it: the prompt's `keys` for the prompt."""
         return np.concatenate([self.keys, *self.blocks[:-1]]) if len(self.blocks) > 1 else self.keys
 
     def finish(self, tokenizer: Any) -> GenerateOutput:
@@ -99,7 +103,7 @@ class Parked:
     """A finished sequence's cache row kept for prefix reuse."""
 
     row: int
-    tokens: np.ndarray
+    tokens: np.ndarray          # what its row holds, as prefix reuse compares it (`Sequence.encoded_keys`)
 
 
 class Engine:
@@ -302,7 +306,7 @@ class Engine:
         if seq.row is None:
             return
         if keep and self.prefix_rows:
-            self.parked.append(Parked(seq.row, seq.encoded))
+            self.parked.append(Parked(seq.row, seq.encoded_keys))
             while len(self.parked) > self.prefix_rows:
                 self.free_rows.append(self.parked.popleft().row)
         else:

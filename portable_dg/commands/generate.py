@@ -1,11 +1,13 @@
-"""`pdg generate`: text (or ids) from a prompt, by block diffusion."""
+"""`pdg generate`: text (or ids) from a prompt, with images or without, by block diffusion."""
 
 from __future__ import annotations
 
 import shutil
 import sys
+from typing import Any
 
 import click
+import numpy as np
 
 from ..errors import ConfigError
 
@@ -33,6 +35,38 @@ def prompt_ids(model, prompt: str | None, ids: str | None, chat: bool | None, th
                                        add_generation_prompt=True, enable_thinking=think)
         return tok.encode(text, add_special_tokens=False)
     return [model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+
+
+def image_inputs(model, prompt: str | None, ids: str | None, chat: bool | None, think: bool,
+                 images: tuple[str, ...]) -> dict[str, Any]:
+    """`generate`'s prompt arguments for a text prompt with images, through the checkpoint's
+    processor: in the chat template the images come before the text of the user turn; without it
+    the text must hold one <|image|> placeholder per image, or they are put before it."""
+    from ..processor import Processor
+
+    if ids is not None or prompt is None:
+        raise ConfigError("--image needs a text --prompt (the processor expands each image into its tokens)")
+    path = model.source.path
+    if model.vision is None:
+        raise ConfigError(f"{path}: this model has no vision tower (no vision_config or no vision tensors), "
+                          "so it cannot take --image")
+    if not path.is_dir():
+        raise ConfigError(f"{path}: --image needs a checkpoint directory with its processor files "
+                          "(processor_config.json)")
+    processor = Processor.from_directory(path, model.tokenizer)
+    if bool(model.tokenizer.chat_template) if chat is None else chat:
+        content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": prompt}]
+        inputs = processor.apply_chat_template([{"role": "user", "content": content}],
+                                               add_generation_prompt=True, enable_thinking=think)
+        ids_in, types = inputs.input_ids, inputs.mm_token_type_ids
+    else:
+        placeholder = processor.tokens.image if processor.tokens else ""
+        text = prompt if placeholder in prompt else placeholder * len(images) + prompt
+        inputs = processor(text, images, add_special_tokens=False)
+        ids_in = np.concatenate([[model.config.bos_token_id], inputs.input_ids])
+        types = np.concatenate([[0], inputs.mm_token_type_ids])
+    return dict(prompt_ids=ids_in, pixel_values=inputs.pixel_values, image_position_ids=inputs.image_position_ids,
+                mm_token_type_ids=types)
 
 
 class DraftView:
@@ -67,6 +101,8 @@ class DraftView:
 @click.option("--dtype", default=None, help="Backend compute dtype (numpy: float32 or float64).")
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-ids", "ids", default=None, help="Prompt as token ids, e.g. 2,10,11.")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="An image for the prompt (PNG, JPEG, GIF, WebP, BMP, TIFF); repeat for several.")
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template "
               "(default: when the checkpoint has one).")
 @click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
@@ -76,9 +112,9 @@ class DraftView:
 @click.option("--greedy", is_flag=True, help="Take the argmax instead of sampling.")
 @click.option("--ids", "print_ids", is_flag=True, help="Print the generated token ids.")
 @click.option("--show-drafts", is_flag=True, help="Show the canvas as it is denoised.")
-def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_new_tokens, steps, seed,
+def generate(model_path, backend, device, dtype, prompt, ids, images, chat, think, max_new_tokens, steps, seed,
              greedy, print_ids, show_drafts):
-    """Generate from a prompt by block diffusion."""
+    """Generate from a prompt (and images) by block diffusion."""
     import portable_dg
 
     if model_path is None:
@@ -86,8 +122,11 @@ def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_n
         model_path = default_model_path()
     options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     model = portable_dg.load(model_path, backend=backend, **options)
-    ids_in = prompt_ids(model, prompt, ids, chat, think)
-    out = portable_dg.generate(model, ids_in, max_new_tokens=max_new_tokens, max_denoising_steps=steps,
+    if images:
+        inputs = image_inputs(model, prompt, ids, chat, think, images)
+    else:
+        inputs = dict(prompt_ids=prompt_ids(model, prompt, ids, chat, think))
+    out = portable_dg.generate(model, **inputs, max_new_tokens=max_new_tokens, max_denoising_steps=steps,
                                seed=seed, greedy=greedy, on_step=DraftView(model) if show_drafts else None)
     if print_ids:
         click.echo(",".join(map(str, out.ids)))
