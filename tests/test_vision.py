@@ -120,6 +120,37 @@ def test_tower_matches_transformers(name, hf_vision, ours, processed, torch_one_
         assert diff <= bound, f"{backend}: max |soft token diff| {diff:.3g} > {bound:.3g}"
 
 
+def test_clipped_linears_match_transformers(multimodal, processed, tmp_path, torch_one_thread):
+    """Gemma 4's clipped linears (not in DiffusionGemma's release): input and output clamped to
+    stored bounds, tight enough here that they clamp."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    source = load_hf(multimodal("a"))
+    config = source.config
+    config.vision_config.use_clipped_linears = True
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    missing, _ = model.load_state_dict(source.state_dict(), strict=False)
+    assert missing and all(k.endswith(("_min", "_max")) for k in missing)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith(("input_min", "output_min")):
+                buffer.fill_(-0.5 if "input" in name else -1.5)
+            elif name.endswith(("input_max", "output_max")):
+                buffer.fill_(0.75 if "input" in name else 1.25)
+    shutil.copytree(multimodal("a"), tmp_path / "clipped")
+    model.save_pretrained(str(tmp_path / "clipped"))
+    prompt = processed("a", "two images")
+    with torch.no_grad():
+        pixels, positions = (torch.from_numpy(a) for a in (prompt.pixel_values, prompt.image_position_ids))
+        theirs = model.model.encoder.get_image_features(pixels, positions).pooler_output.numpy()
+        unclipped = source.model.encoder.get_image_features(pixels, positions).pooler_output.numpy()
+    ours = portable_dg.load(tmp_path / "clipped")
+    images = ours.check_images(prompt.input_ids, **image_arrays(prompt))
+    features = np.concatenate([ours.vision.features(*images.real_patches(i)) for i in range(2)])
+    assert float(np.abs(theirs - unclipped).max()) > 0.1
+    np.testing.assert_allclose(features, theirs, atol=1e-5)
+
+
 # --- logits (spec §7.2 on an image prompt) --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_steps(hf_vision, processed):
