@@ -415,7 +415,8 @@ class DiffusionGemma:
         attention scores (chunked prefill).  images: per row, its prompt's images (None: text)."""
         ids = np.asarray(ids, np.int64)
         rows = list(rows)
-        layout = self.image_layout(images, ids.shape) if images and any(images) else None
+        layout = (self.image_layout(images, ids.shape)
+                  if images and any(image is not None for image in images) else None)
         done = 0
         while done < ids.shape[1]:
             context = int(cache.lengths[rows].max()) + ids.shape[1]              # keys of the last chunk
