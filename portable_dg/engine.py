@@ -66,13 +66,16 @@ class Sequence:
         self.blocks: list[np.ndarray] = []   # committed canvases
         self.steps: list[int] = []           # steps per committed canvas
         self.batch_index = -1                # its row in the engine's step arrays
+        self.pending_noise: np.ndarray | None = None   # this step's draw of its noise function
+        self.renoise: np.ndarray | None = None         # the renoise ids of this step (noise functions)
         self.output: GenerateOutput | None = None
+        self.error: Exception | None = None  # what its own callback or noise function raised
         self.cancelled = False
 
     @property
     def done(self) -> bool:
-        """Finished (its output is set) or cancelled."""
-        return self.output is not None or self.cancelled
+        """Finished (its output is set), failed (its error is set) or cancelled."""
+        return self.output is not None or self.error is not None or self.cancelled
 
     @property
     def encoded(self) -> np.ndarray:
@@ -194,10 +197,13 @@ class Engine:
     # --- one step ---------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Admit waiting sequences (encoding their prompts), then one denoising step of every running
-        sequence; canvases that end are committed.  Returns the sequences that finished."""
+        sequence; canvases that end are committed.  Returns the sequences that finished (their
+        `output` set) or failed (their `error` set: one of their own callbacks or noise functions
+        raised; the other sequences are not affected)."""
         self.admit()
+        failed = self.noise_failures()
         if not self.running:
-            return []
+            return failed
         if self.dirty:
             self.rebuild()
         knobs = self.step_knobs()
@@ -209,28 +215,59 @@ class Engine:
         for s in self.running:
             s.step += 1
         if not (any(ends) or any(can_stop) or watched):
-            return []                                           # nothing on the host depends on this step
+            return failed                                       # nothing on the host depends on this step
         B = self.backend
         packed = B.to_numpy(B.concat([result.argmax, result.stop[:, None] * 1, result.accepted[:, None] * 1], 1))
         entropies = B.to_numpy(result.mean_entropy) if watched else None
-        return self.after_step(packed, entropies, ends)
+        return failed + self.after_step(packed, entropies, ends)
+
+    def noise_failures(self) -> list[Sequence]:
+        """Call the user `noise` functions for this step, in transformers' order: a canvas's starting
+        ids when it starts (drawn even when start_canvas replaces them), then the step's renoise
+        ids.  A sequence whose function raises or returns the wrong shape leaves with the error."""
+        failed = []
+        for seq in list(self.running):
+            if seq.noise is None:
+                continue
+            try:
+                if seq.step == 0:
+                    seq.pending_noise = self.draw(seq)
+                seq.renoise = self.draw(seq)
+            except Exception as e:
+                seq.error = e
+                self.running.remove(seq)
+                self.release(seq, keep=False)
+                self.dirty = True
+                failed.append(seq)
+        return failed
+
+    def draw(self, seq: Sequence) -> np.ndarray:
+        """L ids from a sequence's noise function, checked."""
+        L, V = self.model.canvas_length, self.model.config.vocab_size
+        ids = np.asarray(seq.noise(L))
+        if ids.shape != (L,) or ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= V)):
+            raise ConfigError(f"noise({L}) must return {L} integer ids in [0, {V}), got shape {list(ids.shape)} "
+                              f"of {ids.dtype}")
+        return ids.astype(np.int64)
 
     def after_step(self, packed: np.ndarray, entropies: np.ndarray | None, ends: list[bool]) -> list[Sequence]:
-        """Report the step, end canvases, commit them, retire finished sequences."""
+        """Report the step, end canvases, commit them, retire finished sequences.  A sequence whose
+        own callback raises leaves with that error; the others go on."""
         L = self.model.canvas_length
         committing, finished = [], []
         for b, seq in enumerate(list(self.running)):
             argmax, stopped, accepted = packed[b, :L], bool(packed[b, L]), int(packed[b, L + 1])
-            if seq.on_step is not None:
-                n = seq.cfg.max_denoising_steps - seq.step + 1
-                seq.on_step(StepInfo(seq.block, seq.step, n, temperature(seq.cfg, n), argmax.astype(np.int64),
-                                     accepted, float(entropies[b]), stopped))
-            if not (stopped or ends[b]):
-                continue
-            if self.end_canvas(seq, argmax.astype(np.int64)):
-                finished.append(seq)
-            else:
-                committing.append(seq)
+            try:
+                if seq.on_step is not None:
+                    n = seq.cfg.max_denoising_steps - seq.step + 1
+                    seq.on_step(StepInfo(seq.block, seq.step, n, temperature(seq.cfg, n),
+                                         argmax.astype(np.int64), accepted, float(entropies[b]), stopped))
+                if not (stopped or ends[b]):
+                    continue
+                done = self.end_canvas(seq, argmax.astype(np.int64))
+            except Exception as e:
+                seq.error, done = e, True
+            (finished if done else committing).append(seq)
         if committing:
             ids = np.stack([s.blocks[-1] for s in committing])                          # [n, L]
             self.network.encode(ids, self.cache, [s.row for s in committing])
@@ -355,7 +392,7 @@ class Engine:
         if seq.block == 0 and seq.first_canvas is not None:
             canvas = B.asarray(seq.first_canvas[None])
         elif seq.noise is not None:
-            canvas = B.asarray(np.asarray(seq.noise(L), np.int64)[None])
+            canvas = B.asarray(seq.pending_noise[None])        # a new canvas's start (drawn this step)
         else:
             key, block, zero = (B.asarray(np.array([v], np.int64)) for v in (seq.key, seq.block, 0))
             canvas = token_ids(random_bits(key, block, zero, INITIAL, self.positions), V)
@@ -400,8 +437,8 @@ class Engine:
         seqs = self.running
         host_noise = None
         if self.static["host_noise_rows"] is not None:
-            host_noise = B.asarray(np.stack([np.asarray(s.noise(L), np.int64) if s.noise is not None
-                                             else np.zeros(L, np.int64) for s in seqs]))
+            host_noise = B.asarray(np.stack([s.renoise if s.noise is not None else np.zeros(L, np.int64)
+                                             for s in seqs]))
         last = all(s.step + 1 == s.cfg.max_denoising_steps for s in seqs)
         return StepKnobs(
             steps_left=B.asarray(np.array([s.cfg.max_denoising_steps - s.step for s in seqs], np.float32)),
@@ -431,6 +468,9 @@ def generate_batch(model: Any, prompts: Seq[Seq[int] | np.ndarray], *, max_batch
     sequences = [engine.submit(p, **{k: per_prompt(k, v, i, len(prompts)) for k, v in options.items()})
                  for i, p in enumerate(prompts)]
     engine.run()
+    for seq in sequences:
+        if seq.error is not None:
+            raise seq.error
     return [s.output for s in sequences]
 
 

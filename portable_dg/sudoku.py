@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,6 +55,14 @@ def parse_puzzle(text: str) -> np.ndarray:
         raise ConfigError(f"a puzzle is 81 characters of 1-9 with 0 or . for blanks, got "
                           f"{len(chars)} characters: {chars[:90]!r}")
     return np.array([0 if ch == "." else int(ch) for ch in chars], np.int8)
+
+
+def check_givens(grid: Sequence[int]) -> None:
+    """ConfigError if the givens of a puzzle already break a rule (a repeated digit in a row,
+    column or box): no answer can keep them, so the model is not asked."""
+    broken = [p for p in rule_violations(grid) if "repeats" in p]
+    if broken:
+        raise ConfigError(f"the puzzle's givens break the rules ({'; '.join(broken)}); it has no solution")
 
 
 def grid_text(grid: Sequence[int]) -> str:
@@ -149,11 +157,19 @@ def make_puzzle(rng: np.random.Generator, givens: int) -> tuple[np.ndarray, np.n
     return puzzle, solution
 
 
-def puzzles(seed: int, n: int, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
-    """n (puzzle, solution) pairs from `seed`, givens uniform in the difficulty's range."""
+def iter_puzzles(seed: int, n: int, difficulty: str | tuple[int, int] = "easy"
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """n (puzzle, solution) pairs from `seed`, givens uniform in the difficulty's range, made one
+    at a time (about 10 ms each for easy puzzles, 60 ms for hard ones)."""
     low, high = DIFFICULTY[difficulty] if isinstance(difficulty, str) else difficulty
     rng = np.random.default_rng(seed)
-    return [make_puzzle(rng, int(rng.integers(low, high + 1))) for _ in range(n)]
+    for _ in range(n):
+        yield make_puzzle(rng, int(rng.integers(low, high + 1)))
+
+
+def puzzles(seed: int, n: int, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
+    """`iter_puzzles` as a list."""
+    return list(iter_puzzles(seed, n, difficulty))
 
 
 def test_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
@@ -164,6 +180,9 @@ def test_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[
 def validation_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
     """The validation set (for choosing sampler settings): the first n puzzles of its own seed."""
     return puzzles(VALIDATION_SEED, n, difficulty)
+
+
+SPLIT_SEEDS = {"test": TEST_SEED, "validation": VALIDATION_SEED}
 
 
 # ---------------------------------------------------------------------------------------- tokens
@@ -215,6 +234,7 @@ def solve(model: Any, puzzle: str | Sequence[int], **generate_options: Any) -> S
     from .sampler import generate
 
     grid = parse_puzzle(puzzle) if isinstance(puzzle, str) else np.asarray(puzzle, np.int8)
+    check_givens(grid)
     if model.canvas_length < CELLS:
         raise ConfigError(f"this model's canvas holds {model.canvas_length} tokens; a Sudoku needs {CELLS}")
     out = generate(model, prompt_ids(grid), max_new_tokens=CELLS, **generate_options)

@@ -93,7 +93,8 @@ class DraftView:
 
 @click.command()
 @click.option("--model", "model_path", default=None,
-              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled model).")
+              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model, "
+                   "whose chat template takes a prompt holding an 81-character puzzle).")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, numpy, ggml, mlx or torch (auto: GGUF -> ggml, MLX on Apple Silicon -> mlx, "
                    "CUDA -> torch, else the best CPU path).")
@@ -108,7 +109,7 @@ class DraftView:
 @click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
 @click.option("--max-new-tokens", type=int, default=None, help="Rounded up to whole canvases.")
 @click.option("--steps", type=int, default=None, help="Maximum denoising steps per canvas.")
-@click.option("--seed", type=int, default=None, help="Seed for noise and sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for noise and sampling.")
 @click.option("--greedy", is_flag=True, help="Take the argmax instead of sampling.")
 @click.option("--ids", "print_ids", is_flag=True, help="Print the generated token ids.")
 @click.option("--show-drafts", is_flag=True, help="Show the canvas as it is denoised.")
@@ -117,7 +118,7 @@ def generate(model_path, backend, device, dtype, prompt, ids, images, chat, thin
     """Generate from a prompt (and images) by block diffusion."""
     import portable_dg
 
-    if model_path is None:
+    if model_path is None:     # the bundled Sudoku model: its chat template refuses a prompt without a puzzle
         from ..sudoku import default_model_path
         model_path = default_model_path()
     options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
