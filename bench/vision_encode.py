@@ -60,7 +60,8 @@ def flops(vision: VisionConfig, patches: int, text_hidden: int) -> float:
     kv = vision.num_key_value_heads * vision.head_dim
     layer = 2 * patches * D * (2 * heads + 2 * kv) + 6 * patches * D * F + 4 * patches ** 2 * heads
     tokens = patches // vision.pooling_kernel_size ** 2
-    return 2 * patches * 3 * vision.patch_size ** 2 * D + vision.num_hidden_layers * layer + 2 * tokens * D * text_hidden
+    embed = 2 * patches * 3 * vision.patch_size ** 2 * D
+    return embed + vision.num_hidden_layers * layer + 2 * tokens * D * text_hidden
 
 
 def main() -> None:

@@ -143,19 +143,25 @@ class Context:
 
 
 def load(path_or_repo_id: str | Path, backend: str | Backend = "numpy", max_context: int = 0,
-         check_memory: bool = True, **backend_options: Any) -> Model:
+         check_memory: bool = True, mmproj: str | Path | None = None, **backend_options: Any) -> Model:
     """Load a checkpoint (HF directory, GGUF file, MLX directory or hub repo id) onto a backend.
 
     backend: "auto" (`portable_dg.backends.auto_backend`), a name ("numpy", "mlx", "ggml",
     "torch") or a Backend instance; backend_options go to the backend's factory (e.g.
     dtype="float64" for numpy, device="cuda" for torch) and override auto's choices.
     max_context: KV cache positions to preallocate per sequence (it grows in chunks beyond).
-    check_memory: refuse, with the alternatives, a load whose weights would not fit in memory."""
+    check_memory: refuse, with the alternatives, a load whose weights would not fit in memory.
+    mmproj: a vision projector GGUF file (llama.cpp's layout, `pdg convert --to mmproj`) giving a
+    model without its own vision tower (a GGUF file) one."""
     from .backends import auto_backend, get_backend
 
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 0:
         raise ConfigError(f"max_context must be a non-negative integer, got {max_context!r}")
     source = open_source(path_or_repo_id)
+    if mmproj is not None:
+        from .converters.gguf_mmproj import attach_mmproj
+
+        source = attach_mmproj(source, mmproj)
     if backend == "auto":
         backend, chosen = auto_backend(source)
         backend_options = {**chosen, **backend_options}

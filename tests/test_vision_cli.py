@@ -115,3 +115,20 @@ def test_image_errors_are_one_line(checkpoint, images, without_vision, args, mes
     assert result.exit_code == 1
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.output and result.stderr.count("\n") == 1
+
+
+def test_gguf_model_with_mmproj_takes_images(checkpoint, images, tmp_path):
+    """`pdg convert --to gguf` and `--to mmproj` (F32), then `pdg generate --mmproj`: the processor
+    rebuilt from the two files gives the ids the checkpoint directory gives."""
+    gguf, mmproj = tmp_path / "model-F32.gguf", tmp_path / "mmproj-F32.gguf"
+    for target, out in (("gguf", gguf), ("mmproj", mmproj)):
+        result = run("convert", checkpoint, out, "--to", target, "--quant", "F32")
+        assert result.exit_code == 0, result.output
+    common = ["--prompt", "Compare the two images.", "--image", images[0], "--image", images[1], "--ids",
+              "--greedy", "--seed", "0", "--max-new-tokens", "16", "--backend", "ggml"]
+    from_files = run("generate", "--model", gguf, "--mmproj", mmproj, *common)
+    from_directory = run("generate", "--model", checkpoint, *common)
+    assert from_files.exit_code == 0, from_files.output
+    assert from_files.stdout == from_directory.stdout
+    without = run("generate", "--model", gguf, *common)
+    assert without.exit_code == 1 and "--mmproj" in without.stderr

@@ -46,14 +46,10 @@ def image_inputs(model, prompt: str | None, ids: str | None, chat: bool | None, 
 
     if ids is not None or prompt is None:
         raise ConfigError("--image needs a text --prompt (the processor expands each image into its tokens)")
-    path = model.source.path
     if model.vision is None:
-        raise ConfigError(f"{path}: this model has no vision tower (no vision_config or no vision tensors), "
-                          "so it cannot take --image")
-    if not path.is_dir():
-        raise ConfigError(f"{path}: --image needs a checkpoint directory with its processor files "
-                          "(processor_config.json)")
-    processor = Processor.from_directory(path, model.tokenizer)
+        raise ConfigError(f"{model.source.path}: this model has no vision tower (no vision_config or no vision "
+                          "tensors; a GGUF file takes one from --mmproj), so it cannot take --image")
+    processor = Processor.for_model(model)
     if bool(model.tokenizer.chat_template) if chat is None else chat:
         content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": prompt}]
         inputs = processor.apply_chat_template([{"role": "user", "content": content}],
@@ -104,6 +100,8 @@ class DraftView:
 @click.option("--prompt-ids", "ids", default=None, help="Prompt as token ids, e.g. 2,10,11.")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
               help="An image for the prompt (PNG, JPEG, GIF, WebP, BMP, TIFF); repeat for several.")
+@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Vision projector GGUF (llama.cpp's mmproj layout) for a GGUF model's --image.")
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template "
               "(default: when the checkpoint has one).")
 @click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
@@ -113,8 +111,8 @@ class DraftView:
 @click.option("--greedy", is_flag=True, help="Take the argmax instead of sampling.")
 @click.option("--ids", "print_ids", is_flag=True, help="Print the generated token ids.")
 @click.option("--show-drafts", is_flag=True, help="Show the canvas as it is denoised.")
-def generate(model_path, backend, device, dtype, prompt, ids, images, chat, think, max_new_tokens, steps, seed,
-             greedy, print_ids, show_drafts):
+def generate(model_path, backend, device, dtype, prompt, ids, images, mmproj, chat, think, max_new_tokens, steps,
+             seed, greedy, print_ids, show_drafts):
     """Generate from a prompt (and images) by block diffusion."""
     import portable_dg
 
@@ -122,7 +120,7 @@ def generate(model_path, backend, device, dtype, prompt, ids, images, chat, thin
         from ..sudoku import default_model_path
         model_path = default_model_path()
     options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    model = portable_dg.load(model_path, backend=backend, **options)
+    model = portable_dg.load(model_path, backend=backend, mmproj=mmproj, **options)
     if images:
         inputs = image_inputs(model, prompt, ids, chat, think, images)
     else:
