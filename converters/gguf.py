@@ -296,6 +296,9 @@ def decode_fields(file: GGUFFile) -> Metadata:
 
 def _architecture(fields: Mapping[str, Any], path: Path) -> str:
     arch = fields.get("general.architecture")
+    if arch == "clip":
+        raise FormatError(f"{path}: a vision projector (mmproj) file, not a model: give it beside its model "
+                          "(--mmproj, or load(..., mmproj=))")
     if arch not in ARCH_ALIASES:
         raise FormatError(f"{path}: general.architecture is {arch!r}, expected one of "
                           f"{', '.join(repr(a) for a in ARCH_ALIASES)} (DiffusionGemma)")

@@ -35,8 +35,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, bf16_to_f32, check_tensors, expected_tensors,
-                                    open_checkpoint, resolve_model_path, sanitize)
+from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, bf16_to_f32, check_tensors, check_vision_tensors,
+                                    expected_tensors, open_checkpoint, resolve_model_path, sanitize,
+                                    vision_tensors)
 from portable_dg.config import FULL, DiffusionGemmaConfig, read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
 from portable_dg.outputs import check_new_directory, output_directory
@@ -133,7 +134,9 @@ def float_or_raw(ref: TensorRef) -> np.ndarray:
 
 # --- reading -----------------------------------------------------------------------------------------
 def read_mlx(path: Path):
-    """An MLX model directory (ours or mlx-vlm's) -> ModelSource with packed quantized tensors."""
+    """An MLX model directory (ours or mlx-vlm's) -> ModelSource with packed quantized tensors, and
+    the vision tower (stored unquantized under its Hugging Face names, as mlx-vlm keeps it) when the
+    directory has one."""
     from portable_dg.source import LazyTensors, ModelSource, read_configs
     from portable_dg.tokenizer import Tokenizer
 
@@ -155,11 +158,15 @@ def read_mlx(path: Path):
         stored[name] = ref if params is None else quantized_ref(module, expected[canonical], refs, params, path)
     tensors = sanitize(stored)
     check_tensors(tensors, config, str(path), quantized_as=".scales")
+    tensors = {n: tensors[n] for n in expected}
+    vision = vision_tensors(refs)
+    if check_vision_tensors(vision, config, str(path)):
+        tensors.update(vision)
     metadata = {"synthetic": bool(raw_config.get("portable_dg_synthetic", False)),
                 "quantization": {k: qconfig[k] for k in ("mode", "bits", "group_size")},
                 "dtypes": sorted({t.dtype for t in refs.values()})}
-    return ModelSource(config, generation, LazyTensors({n: tensors[n] for n in expected}),
-                       Tokenizer.from_directory(path), "mlx", path, metadata)
+    return ModelSource(config, generation, LazyTensors(tensors), Tokenizer.from_directory(path), "mlx", path,
+                       metadata)
 
 
 def quantization_block(raw_config: Mapping[str, Any], path: Path) -> dict[str, Any]:

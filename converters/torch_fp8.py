@@ -28,8 +28,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, bf16_to_f32, check_tensors, open_checkpoint,
-                                    sanitize)
+from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, bf16_to_f32, check_tensors, check_vision_tensors,
+                                    open_checkpoint, sanitize, vision_tensors)
 from portable_dg.config import DiffusionGemmaConfig, read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
 from portable_dg.outputs import check_new_directory, output_directory
@@ -154,15 +154,20 @@ def restack_experts(tensors: dict[str, Any], cfg: DiffusionGemmaConfig, source: 
 
 
 def read_compressed_tensors(path: Path):
-    """A compressed-tensors FP8 directory (ours, or RedHatAI FP8-dynamic) -> ModelSource."""
+    """A compressed-tensors FP8 directory (ours, or RedHatAI FP8-dynamic) -> ModelSource, with the
+    vision tower (kept bf16 in these files) when it has one."""
     from portable_dg.source import LazyTensors, ModelSource, read_configs
     from portable_dg.tokenizer import Tokenizer
 
     raw = read_json(path / "config.json")
     check_fp8_recipe(raw["quantization_config"], str(path / "config.json"))
     _, config, generation = read_configs(path)
-    tensors = sanitize(restack_experts(pair_quantized(open_checkpoint(path), str(path)), config, str(path)))
+    stored = open_checkpoint(path)
+    tensors = sanitize(restack_experts(pair_quantized(stored, str(path)), config, str(path)))
     check_tensors(tensors, config, str(path), quantized_as="weight_scale")
+    vision = vision_tensors(stored)
+    if check_vision_tensors(vision, config, str(path)):
+        tensors.update(vision)
     metadata = {"synthetic": bool(raw.get("portable_dg_synthetic", False)),
                 "quantization": raw["quantization_config"],
                 "dtypes": sorted({QTYPE if isinstance(v, FP8Tensor) else v.dtype for v in tensors.values()})}

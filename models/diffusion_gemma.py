@@ -11,6 +11,11 @@ everything else runs on the whole batch, flattened to [B*T, H] where an op wants
 
 Weights are addressed by their Hugging Face stored names (`model.decoder.*`, plus the encoder's own
 `model.encoder.language_model.layers.{i}.layer_scalar`); see `portable_dg.checkpoint`.
+
+Images (docs/vision.md §2-3): the encoder's first pass over a prompt takes the vision tower's soft
+tokens (`gemma4_vision.py`) in place of the embeddings of the image placeholders, and the tokens of
+one image (a vision block) see each other whatever the causal and sliding-window rules say, on every
+layer, as transformers' `generate` builds its masks.  A prefill chunk never splits a block.
 """
 
 from __future__ import annotations
@@ -168,6 +173,40 @@ class ContextGroup:
     values: Array               # [G, S, nkv, d]
 
 
+def vision_blocks(mm_token_type_ids: np.ndarray) -> np.ndarray:
+    """Block ids [T] of transformers' `get_block_sequence_ids_for_mask`: each maximal run of image
+    (1) or video (2) tokens is one block, numbered 0, 1, ... in order; -1 elsewhere."""
+    vision = np.isin(mm_token_type_ids, (1, 2))
+    starts = vision & ~np.concatenate([[False], vision[:-1]])
+    return np.where(vision, np.cumsum(starts) - 1, -1)
+
+
+def chunk_end(blocks: np.ndarray, start: int, proposed: int) -> int:
+    """Where a prefill chunk starting at `start` ends (exclusive): at `proposed` or the nearest
+    earlier position that splits no row's vision block (blocks [B, T]); when the block at `start`
+    is longer than the chunk, at its end."""
+    T = blocks.shape[1]
+    if proposed >= T:
+        return T
+    splits = ((blocks[:, :-1] == blocks[:, 1:]) & (blocks[:, 1:] >= 0)).any(0)     # [T-1]: cut before p+1
+    allowed = np.flatnonzero(~splits) + 1
+    before = allowed[(allowed > start) & (allowed <= proposed)]
+    if len(before):
+        return int(before[-1])
+    after = allowed[allowed > proposed]
+    return int(after[0]) if len(after) else T
+
+
+@dataclass
+class ImagePrompt:
+    """A prompt's images as one encoder pass over its ids [T] takes them: the soft tokens that
+    replace the placeholders' embeddings, and the vision blocks whose tokens see each other."""
+
+    features: Array | None      # [n, H] soft tokens in the compute dtype (None when n = 0)
+    slots: np.ndarray           # [T] row of `features` each position takes; -1: its token embedding
+    blocks: np.ndarray          # [T] vision block per position (`vision_blocks`); -1: none
+
+
 @dataclass
 class Frame:
     """Where the tokens of one pass sit: per batch member its cache row and positions, and the
@@ -178,6 +217,7 @@ class Frame:
     positions: np.ndarray                       # [B, T] absolute positions (host)
     rope: dict[bytes, tuple[Array, Array]]      # inv_freq bytes -> (cos, sin) [B, T, 1, d]
     contexts: list[list[ContextGroup]] | None = None   # [layer] -> groups
+    blocks: list[Array | None] | None = None    # encoder: per member, vision blocks [1, T] (None: none)
     serial: int = field(default_factory=lambda: next(FRAME_SERIALS))
 
 
@@ -288,7 +328,8 @@ class DiffusionGemma:
         k = B.rope(self.norm(k_raw, p + "k_norm.weight"), cos, sin)
         v = B.rms_norm(v, None, cfg.rms_norm_eps)
         if frame.contexts is None:
-            out = B.concat([self.encoder_attention(i, row, q[b:b + 1], k[b:b + 1], v[b:b + 1], cache)
+            blocks = frame.blocks or [None] * len(frame.rows)
+            out = B.concat([self.encoder_attention(i, row, q[b:b + 1], k[b:b + 1], v[b:b + 1], cache, blocks[b])
                             for b, row in enumerate(frame.rows)], 0)                 # [B, T, nq, d]
         else:
             out = self.decoder_attention(q, k, v, frame.contexts[i])
@@ -313,19 +354,21 @@ class DiffusionGemma:
         inverse = np.argsort(np.array(order))                  # back from group order to batch order
         return B.concat(outs, 0)[B.asarray(inverse)]
 
-    def encoder_attention(self, i: int, row: int, q: Array, k: Array, v: Array, cache: KVCache) -> Array:
+    def encoder_attention(self, i: int, row: int, q: Array, k: Array, v: Array, cache: KVCache,
+                          blocks: Array | None = None) -> Array:
         """Causal attention of one row's new tokens q, k, v [1, T, n, d] over its cached positions and
-        themselves (within the window on sliding layers); then k, v are written into the cache."""
+        themselves (within the window on sliding layers), except that tokens of one vision block
+        (blocks [1, T]) see each other; then k, v are written into the cache."""
         B, cfg = self.backend, self.config
         start = int(cache.lengths[row])
         if cfg.layers[i].kind != SLIDING:            # write first, then read the row in place
             cache.write(i, row, start, k[0], v[0])
             keys, values = cache.read(i, row, 0, start + k.shape[1])
-            return B.attention(q, keys[None], values[None], causal_shift=start, window=None)
+            return B.attention(q, keys[None], values[None], causal_shift=start, window=None, groups=blocks)
         seen = cache.visible(i, start)               # cached positions the first new query can see
         keys, values = cache.read(i, row, start - seen, start)
         out = B.attention(q, B.concat([keys[None], k], 1), B.concat([values[None], v], 1), causal_shift=seen,
-                          window=cfg.sliding_window)
+                          window=cfg.sliding_window, groups=blocks)
         cache.write(i, row, start, k[0], v[0])       # after reading: the new tokens may overwrite the ring
         return out
 
@@ -365,23 +408,57 @@ class DiffusionGemma:
         return B.rms_norm(e + signal, None, self.config.rms_norm_eps)
 
     # --- the two passes --------------------------------------------------------------------
-    def encode(self, ids: np.ndarray, cache: KVCache, rows: Sequence[int]) -> None:
+    def encode(self, ids: np.ndarray, cache: KVCache, rows: Sequence[int],
+               images: Sequence[ImagePrompt | None] | None = None) -> None:
         """Causal pass over ids [B, T] (host), row b at positions lengths[rows[b]]..+T-1, appending
         their keys and values to those cache rows; long inputs go in chunks that bound the
-        attention scores (chunked prefill)."""
+        attention scores (chunked prefill).  images: per row, its prompt's images (None: text)."""
         ids = np.asarray(ids, np.int64)
         rows = list(rows)
+        layout = (self.image_layout(images, ids.shape)
+                  if images and any(image is not None for image in images) else None)
         done = 0
         while done < ids.shape[1]:
             context = int(cache.lengths[rows].max()) + ids.shape[1]              # keys of the last chunk
             step = max(PREFILL_MIN, PREFILL_SCORES // (self.config.num_attention_heads * context))
-            chunk = ids[:, done:done + step]
+            stop = done + step if layout is None else chunk_end(layout[2], done, done + step)
+            chunk = ids[:, done:stop]
             frame = self.frame(cache, rows, chunk.shape[1], decoder=False)
             x = self.embed(self.backend.asarray(chunk))
+            if layout is not None:
+                x, frame.blocks = self.place_images(x, layout, done, stop)
             for i in range(self.config.num_hidden_layers):
                 x = self.layer(i, x, frame, cache)
             cache.lengths[rows] += chunk.shape[1]
             done += chunk.shape[1]
+
+    def image_layout(self, images: Sequence[ImagePrompt | None], shape: tuple[int, int]
+                     ) -> tuple[Array | None, np.ndarray, np.ndarray]:
+        """The batch's soft tokens stacked [n, H], and per position [B, T] the row of that stack it
+        takes (-1: none) and its vision block (-1: none)."""
+        slots, blocks = np.full(shape, -1, np.int64), np.full(shape, -1, np.int64)
+        features, offset = [], 0
+        for b, image in enumerate(images):
+            if image is None:
+                continue
+            slots[b] = np.where(image.slots >= 0, image.slots + offset, -1)
+            blocks[b] = image.blocks
+            if image.features is not None:
+                features.append(image.features)
+                offset += image.features.shape[0]
+        return (self.backend.concat(features, 0) if features else None), slots, blocks
+
+    def place_images(self, x: Array, layout: tuple[Array | None, np.ndarray, np.ndarray], start: int,
+                     stop: int) -> tuple[Array, list[Array | None]]:
+        """Embeddings x [B, t, H] of positions start..stop-1 with the soft tokens put in place of the
+        image placeholders (transformers' masked_scatter; soft tokens are not scaled by sqrt(H)),
+        and the chunk's vision blocks per row for the attention."""
+        B = self.backend
+        features, slots, blocks = layout[0], layout[1][:, start:stop], layout[2][:, start:stop]
+        taken = slots >= 0
+        if taken.any():
+            x = B.where(B.asarray(taken[..., None]), features[B.asarray(np.maximum(slots, 0))], x)
+        return x, [B.asarray(row[None]) if (row >= 0).any() else None for row in blocks]
 
     def denoise(self, canvas: Array, frame: Frame, soft: Array | None = None) -> Array:
         """Bidirectional pass over canvases [B, L] (device ids) in a decoder frame -> float32 logits

@@ -98,13 +98,16 @@ class Backend(Protocol):
         ...
 
     def attention(self, q: Array, k: Array, v: Array, *, causal_shift: int | None,
-                  window: int | None) -> Array:
+                  window: int | None, groups: Array | None = None) -> Array:
         """Scaled-dot-product attention, scale 1.0, GQA, over a batch of sequences that share S.
 
         q [B, T, nq, d], k and v [B, S, nkv, d] with nq a multiple of nkv (query head h reads kv
         head h // (nq // nkv)) -> [B, T, nq, d].  causal_shift None: every query sees every key.
         Otherwise query i sees key j iff j <= i + causal_shift and, when window is set,
-        i + causal_shift - j < window.  Softmax in float32."""
+        i + causal_shift - j < window; and also, when groups [B, T] int is given, iff key j is
+        one of the queries' own tokens (the last T keys: j = S - T + i') with groups[b, i'] ==
+        groups[b, i] >= 0 (an image's tokens see each other, whatever the causal and window
+        rules say).  Softmax in float32."""
         ...
 
     def gelu_tanh(self, x: Array) -> Array:
@@ -142,6 +145,10 @@ class Backend(Protocol):
 
     def to_float32(self, x: Array) -> Array:
         """Cast (integers included) to float32."""
+        ...
+
+    def to_compute(self, x: Array) -> Array:
+        """Cast a float array to the compute dtype."""
         ...
 
     # --- sampler ops ---------------------------------------------------------------------------

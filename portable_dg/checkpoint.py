@@ -2,9 +2,11 @@
 
 `open_safetensors` parses the header itself (so a truncated or malformed file gets an error naming
 it) and memory-maps each tensor; nothing is read until a tensor's `load()`.  `sanitize` maps stored
-names to the canonical names the model uses: the Hugging Face stored names (`model.decoder.*` and
-the encoder's `layer_scalar`s), with the vision tower, the untied `lm_head` and encoder duplicates
-of tied weights dropped (spec §2).  `expected_tensors` lists every canonical name with its shape.
+names to the canonical names the language model uses: the Hugging Face stored names
+(`model.decoder.*` and the encoder's `layer_scalar`s), with the vision tower, the untied `lm_head`
+and encoder duplicates of tied weights dropped (spec §2).  `expected_tensors` lists every canonical
+name with its shape.  `vision_tensors` picks the vision tower and its projector out of the stored
+tensors (`expected_vision_tensors` lists them); a reader adds them to the language model's.
 """
 
 from __future__ import annotations
@@ -259,6 +261,94 @@ def expected_tensors(cfg: DiffusionGemmaConfig) -> dict[str, tuple[int, ...]]:
                      "post_feedforward_layernorm_2", "post_feedforward_layernorm"):
             shapes[p + norm + ".weight"] = (H,)
     return shapes
+
+
+VISION_TOWER = "model.encoder.vision_tower."
+VISION_PROJECTION = "model.encoder.embed_vision.embedding_projection.weight"
+POSITION_TABLE = VISION_TOWER + "patch_embedder.position_embedding_table"
+VISION_STORED = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
+
+
+def vision_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The vision tower's and projector's stored tensors under canonical names (empty when the
+    checkpoint has none): the Hugging Face names, except that the position table [2, P, D] becomes
+    its x and y halves `...position_embedding_table.x` / `.y` [P, D] (two embedding tables)."""
+    out = {}
+    for name, ref in tensors.items():
+        if not VISION_STORED.match(name) or "rotary_emb" in name:
+            continue
+        if name == POSITION_TABLE and len(ref.shape) == 3 and ref.shape[0] == 2:
+            out[name + ".x"], out[name + ".y"] = (leading_slice(ref, i) for i in (0, 1))
+        else:
+            out[name] = ref
+    return out
+
+
+def leading_slice(ref: Any, i: int) -> Any:
+    """ref[i] without reading it: a TensorRef of the i-th slice of its first axis, else the array's view."""
+    if not isinstance(ref, TensorRef):
+        return ref[i]
+    size = ref.nbytes // ref.shape[0]
+    return TensorRef(ref.path, f"{ref.name}[{i}]", ref.dtype, ref.shape[1:], ref.offset + i * size, size)
+
+
+def expected_vision_tensors(cfg: DiffusionGemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical vision tensor (see `vision_tensors`) of a checkpoint with this config and its
+    shape ([out, in]); empty without a vision_config."""
+    v = cfg.vision
+    if v is None:
+        return {}
+    D, F, hd = v.hidden_size, v.intermediate_size, v.head_dim
+    nq, nkv = v.num_attention_heads * hd, v.num_key_value_heads * hd
+    shapes = {
+        VISION_TOWER + "patch_embedder.input_proj.weight": (D, 3 * v.patch_size ** 2),
+        POSITION_TABLE + ".x": (v.position_embedding_size, D),
+        POSITION_TABLE + ".y": (v.position_embedding_size, D),
+        VISION_PROJECTION: (cfg.hidden_size, D),
+    }
+    if v.standardize:
+        shapes.update({VISION_TOWER + "std_bias": (D,), VISION_TOWER + "std_scale": (D,)})
+    linears = {"self_attn.q_proj": (nq, D), "self_attn.k_proj": (nkv, D), "self_attn.v_proj": (nkv, D),
+               "self_attn.o_proj": (D, nq), "mlp.gate_proj": (F, D), "mlp.up_proj": (F, D),
+               "mlp.down_proj": (D, F)}
+    for i in range(v.num_hidden_layers):
+        p = f"{VISION_TOWER}encoder.layers.{i}."
+        for module, shape in linears.items():
+            shapes[p + module + ".linear.weight"] = shape
+            if v.use_clipped_linears:
+                shapes.update({f"{p}{module}.{bound}": () for bound in CLIP_BOUNDS})
+        shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            shapes[p + norm + ".weight"] = (D,)
+    return shapes
+
+
+CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+
+
+def check_vision_tensors(tensors: Mapping[str, Any], cfg: DiffusionGemmaConfig, source: str) -> bool:
+    """True when the checkpoint has a vision tower: a vision_config and its tensors, every one with
+    its shape (CheckpointError naming the first missing or misshaped one).  A checkpoint with a
+    vision_config but no vision tensor at all (a text-only conversion) has none."""
+    expected = expected_vision_tensors(cfg)
+    if not expected or not any(name in tensors for name in [*expected, POSITION_TABLE]):
+        return False
+    if POSITION_TABLE in tensors:          # left whole by vision_tensors: not [2, P, D]
+        raise CheckpointError(f"{source}: tensor {POSITION_TABLE} has shape {list(tensors[POSITION_TABLE].shape)}, "
+                              f"expected {[2, cfg.vision.position_embedding_size, cfg.vision.hidden_size]}")
+    for name, shape in expected.items():
+        ref = tensors.get(name)
+        if ref is None:
+            raise CheckpointError(f"{source}: missing vision tensor {name} (expected shape {list(shape)}); "
+                                  "the vision tower is incomplete")
+        if tuple(ref.shape) != shape and not (shape == () and tuple(ref.shape) == (1,)):
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(ref.shape)}, expected "
+                                  f"{list(shape)} (from vision_config)")
+        if isinstance(ref, TensorRef) and ref.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{source}: tensor {name} has dtype {ref.dtype}; expected one of "
+                                  f"{', '.join(FLOAT_DTYPES)}")
+    return True
 
 
 def check_tensors(tensors: Mapping[str, Any], cfg: DiffusionGemmaConfig, source: str,

@@ -28,6 +28,8 @@ DEFAULT_ROPE = {
 REQUIRED_TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                         "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
                         "top_k_experts", "moe_intermediate_size")
+REQUIRED_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "num_key_value_heads", "head_dim", "patch_size")
 
 
 @dataclass
@@ -44,6 +46,63 @@ class LayerGeometry:
     def has_v_proj(self) -> bool:
         """Full-attention layers reuse the raw K projection as V (k_eq_v)."""
         return self.kind == SLIDING
+
+
+@dataclass
+class VisionConfig:
+    """The Gemma 4 vision tower (`vision_config`; transformers 5.23.0 `Gemma4VisionConfig`).
+
+    The geometry fields are required; the others default as transformers defaults them (the
+    released checkpoint: 1152 wide, 27 layers, 16 heads of 72, patch 16, kernel 3, standardize)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    patch_size: int
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10_240
+    rope_theta: float = 100.0
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    standardize: bool = False
+    use_clipped_linears: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (*REQUIRED_VISION_FIELDS, "pooling_kernel_size", "position_embedding_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim % 4:
+            raise ConfigError(f"head_dim={self.head_dim} must be a multiple of 4 (two rotate-half RoPEs "
+                              "of head_dim / 2, for x and y)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported; "
+                              "expected 'gelu_pytorch_tanh'")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "vision_config") -> "VisionConfig":
+        """Build from config.json's `vision_config`; unknown keys are ignored."""
+        missing = [k for k in REQUIRED_VISION_FIELDS if d.get(k) is None]
+        if missing:
+            raise ConfigError(f"{source}: missing field(s) {', '.join(missing)} in vision_config")
+        rope = d.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(f"{source}: vision_config rope_type {rope['rope_type']!r} is not supported; "
+                              "expected 'axial'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
+        if rope.get("rope_theta") is not None:
+            kwargs["rope_theta"] = float(rope["rope_theta"])
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError, ConfigError) as e:
+            raise ConfigError(f"{source}: vision_config: {e}") from None
 
 
 @dataclass
@@ -75,6 +134,8 @@ class DiffusionGemmaConfig:
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: list[int] = field(default_factory=lambda: [1, 106])
+    image_token_id: int = 258_880      # the placeholder the vision tower's soft tokens replace
+    vision: VisionConfig | None = None  # config.json's vision_config, when it has one
     layers: list[LayerGeometry] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -148,9 +209,11 @@ class DiffusionGemmaConfig:
         kwargs.setdefault("num_global_key_value_heads", None)  # transformers' default when absent
         if "per_layer_config" in kwargs:
             kwargs["per_layer_config"] = {int(k): dict(v) for k, v in kwargs["per_layer_config"].items()}
-        for key in ("canvas_length", "eos_token_id"):  # top-level values win over text_config
+        for key in ("canvas_length", "eos_token_id", "image_token_id"):  # top-level values win over text_config
             if d.get(key) is not None and model_type == "diffusion_gemma":
                 kwargs[key] = d[key]
+        if isinstance(d.get("vision_config"), dict) and model_type == "diffusion_gemma":
+            kwargs["vision"] = VisionConfig.from_dict(d["vision_config"], source)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError, ConfigError) as e:

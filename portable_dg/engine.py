@@ -17,8 +17,13 @@ numbers depend only on its own seed and progress, so its output does not depend 
 
 Prefix reuse: a finished sequence's cache row (its prompt and committed canvases) is kept while
 `prefix_rows` allow; a later prompt that starts with those tokens (up to one canvas of difference at
-the end) reuses the row and encodes only the rest.  The engine is not thread-safe: one thread calls
-`submit`, `cancel` and `step`.
+the end) reuses the row and encodes only the rest.  Prompts with images are compared by their
+images' content, not their placeholder ids (`prompt_images.PromptImages.prefix_keys`), and a reused
+row never ends inside an image.  The engine is not thread-safe: one thread calls `submit`, `cancel`
+and `step`.
+
+Images: `submit` checks the processor's arrays; the vision tower runs when the sequence is admitted
+(its prompt is encoded), once, and the pixels are dropped after.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ import numpy as np
 from .backend import compile_step
 from .config import GenerationConfig
 from .errors import ConfigError
+from .prompt_images import PromptImages
 from .sampler import (INITIAL, INITIAL_UNIFORM, BlockInfo, GenerateOutput, NoiseSource, Pins, StepInfo,
                       StepKnobs, StepState, denoise_step, new_token_budget, random_bits, resolve_config,
                       seed_key, temperature, token_ids)
 
+IMAGE_ARRAYS = ("pixel_values", "image_position_ids", "mm_token_type_ids")
 KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
          "confidence_threshold", "eos_token_id")
 
@@ -46,8 +53,11 @@ class Sequence:
     def __init__(self, seq_id: int, prompt: np.ndarray, cfg: GenerationConfig, n_blocks: int,
                  first_canvas: np.ndarray | None, pins: Pins, key: int, noise: NoiseSource | None,
                  greedy: bool, on_step: Callable[[StepInfo], Any] | None,
-                 on_block: Callable[[BlockInfo], Any] | None, constraint: Any = None):
+                 on_block: Callable[[BlockInfo], Any] | None, images: PromptImages | None = None,
+                 constraint: Any = None):
         self.id, self.prompt, self.cfg, self.n_blocks = seq_id, prompt, cfg, n_blocks
+        self.images = images                 # its image inputs until its prompt is encoded
+        self.keys = prompt if images is None else images.prefix_keys(prompt)   # what prefix reuse compares
         self.constraint = constraint         # a portable_dg.constraints.CanvasConstraint, or None
         self.first_canvas, self.pins, self.key, self.noise, self.greedy = first_canvas, pins, key, noise, greedy
         self.on_step, self.on_block = on_step, on_block
@@ -74,6 +84,11 @@ class Sequence:
         """The tokens its cache row holds: the prompt and every committed canvas but the last."""
         return np.concatenate([self.prompt, *self.blocks[:-1]]) if len(self.blocks) > 1 else self.prompt
 
+    @property
+    def encoded_keys(self) -> np.ndarray:
+        """`encoded` as prefix reuse compares it: the prompt's `keys` for the prompt."""
+        return np.concatenate([self.keys, *self.blocks[:-1]]) if len(self.blocks) > 1 else self.keys
+
     def finish(self, tokenizer: Any) -> GenerateOutput:
         """The GenerateOutput of the committed canvases."""
         generated = np.concatenate(self.blocks)
@@ -95,7 +110,7 @@ class Parked:
     """A finished sequence's cache row kept for prefix reuse."""
 
     row: int
-    tokens: np.ndarray
+    tokens: np.ndarray          # what its row holds, as prefix reuse compares it (`Sequence.encoded_keys`)
 
 
 class Engine:
@@ -128,10 +143,12 @@ class Engine:
                noise: NoiseSource | None = None, greedy: bool = False, start_canvas: Seq[int] | None = None,
                pinned: Mapping[int, int] | Seq[int] | None = None,
                on_step: Callable[[StepInfo], Any] | None = None,
-               on_block: Callable[[BlockInfo], Any] | None = None, json_schema: Any = None,
-               json_object: bool = False, regex: str | None = None, grammar: str | None = None,
-               constrain_noise: bool = False, **knobs: Any) -> Sequence:
-        """Queue a generation; the options are `portable_dg.generate`'s.  Bad options raise here."""
+               on_block: Callable[[BlockInfo], Any] | None = None, pixel_values: np.ndarray | None = None,
+               image_position_ids: np.ndarray | None = None, mm_token_type_ids: np.ndarray | None = None,
+               json_schema: Any = None, json_object: bool = False, regex: str | None = None,
+               grammar: str | None = None, constrain_noise: bool = False, **knobs: Any) -> Sequence:
+        """Queue a generation; the options are `portable_dg.generate`'s, the image arrays
+        `Model.start`'s.  Bad options and inputs raise here."""
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
@@ -153,9 +170,10 @@ class Engine:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         pins = Pins(model.config.vocab_size, pinned, first, n_blocks * L)
+        images = model.check_images(prompt, pixel_values, image_position_ids, mm_token_type_ids)
         constraint = self.constraint(cfg, pins, json_schema, json_object, regex, grammar, constrain_noise)
         seq = Sequence(self.next_id, prompt, cfg, n_blocks, first, pins, seed_key(seed), noise, bool(greedy),
-                       on_step, on_block, constraint)
+                       on_step, on_block, images, constraint)
         self.next_id += 1
         self.waiting.append(seq)
         return seq
@@ -307,44 +325,50 @@ class Engine:
         joining = []
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             seq = self.waiting.popleft()
-            rest = self.place(seq)
-            joining.append((seq, rest))
+            joining.append((seq, self.place(seq)))
         if not joining:
             return
-        by_length: dict[int, list[tuple[Sequence, np.ndarray]]] = {}
-        for seq, rest in joining:
-            if len(rest):
-                by_length.setdefault(len(rest), []).append((seq, rest))
+        by_length: dict[int, list[tuple[Sequence, int]]] = {}
+        for seq, start in joining:
+            if start < len(seq.prompt):
+                by_length.setdefault(len(seq.prompt) - start, []).append((seq, start))
         for group in by_length.values():
-            self.network.encode(np.stack([rest for _, rest in group]), self.cache, [s.row for s, _ in group])
+            ids, rows = np.stack([s.prompt[start:] for s, start in group]), [s.row for s, _ in group]
+            if any(s.images is not None for s, _ in group):
+                self.network.encode(ids, self.cache, rows, [
+                    None if s.images is None else s.images.for_encoder(self.model.vision, start) for s, start in group])
+            else:
+                self.network.encode(ids, self.cache, rows)
+        for seq, _ in joining:
+            seq.images = None                                   # encoded: the pixels are no longer needed
         self.running.extend(seq for seq, _ in joining)
         self.dirty = True
 
-    def place(self, seq: Sequence) -> np.ndarray:
+    def place(self, seq: Sequence) -> int:
         """Give a sequence a cache row, reusing a parked row whose tokens its prompt starts with;
-        returns the prompt tokens still to encode."""
+        returns where the prompt tokens still to encode start."""
         best, best_common = None, 0
         for parked in self.parked:
-            common = common_prefix(parked.tokens, seq.prompt)
+            common = common_prefix(parked.tokens, seq.keys)
             if common > best_common and self.cache.truncate(parked.row, common):
                 best, best_common = parked, common
         if best is not None:
             self.parked.remove(best)
             self.cache.truncate(best.row, best_common)
             seq.row = best.row
-            return seq.prompt[best_common:]
+            return best_common
         if not self.free_rows:
             self.free_rows.append(self.parked.popleft().row)      # evict the oldest parked row
         seq.row = self.free_rows.pop()
         self.cache.lengths[seq.row] = 0
-        return seq.prompt
+        return 0
 
     def release(self, seq: Sequence, keep: bool) -> None:
         """Free a sequence's row, or park it for prefix reuse."""
         if seq.row is None:
             return
         if keep and self.prefix_rows:
-            self.parked.append(Parked(seq.row, seq.encoded))
+            self.parked.append(Parked(seq.row, seq.encoded_keys))
             while len(self.parked) > self.prefix_rows:
                 self.free_rows.append(self.parked.popleft().row)
         else:
@@ -504,11 +528,14 @@ def generate_batch(model: Any, prompts: Seq[Seq[int] | np.ndarray], *, max_batch
 
 def per_prompt(name: str, value: Any, i: int, n: int) -> Any:
     """Prompt i's value of an option given once for all or as a list of n.  `start_canvas` and
-    `pinned` are lists themselves: theirs is per prompt when every entry is None or a container."""
+    `pinned` are lists themselves: theirs is per prompt when every entry is None or a container;
+    the image arrays' when every entry is None or a numpy array."""
     if not isinstance(value, (list, tuple)):
         return value
     if name in ("start_canvas", "pinned") and not all(
             v is None or isinstance(v, (list, tuple, dict, np.ndarray)) for v in value):
+        return value
+    if name in IMAGE_ARRAYS and not all(v is None or isinstance(v, np.ndarray) for v in value):
         return value
     if len(value) != n:
         raise ConfigError(f"{name}: {len(value)} values for {n} prompts")

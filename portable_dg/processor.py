@@ -87,6 +87,25 @@ class Processor:
                       "section, or preprocessor_config.json), so this checkpoint cannot take images")
         return cls(tokenizer, image_config, tokens, no_images_reason=reason, **options)
 
+    @classmethod
+    def for_model(cls, model: Any, **options: Any) -> "Processor":
+        """The processor of a loaded model: its checkpoint directory's (`from_directory`), or, for
+        a single file given a vision tower by an mmproj file, the image processor settings that
+        file keeps and the model's own tokenizer and image token."""
+        path = Path(model.source.path)
+        if path.is_dir():
+            return cls.from_directory(path, model.tokenizer, **options)
+        if model.tokenizer is None:
+            raise ConfigError(f"{path}: no tokenizer in the model file")
+        settings = model.source.metadata.get("image_processor")
+        if not settings:
+            raise ConfigError(f"{path}: no image processor settings (a checkpoint directory's processor_config.json "
+                              "or an mmproj file written by pdg convert --to mmproj), so it cannot take images")
+        where = str(model.source.metadata.get("mmproj", path))
+        tokens, reason = _image_tokens(Path(where), model.tokenizer, {"image_token_id": model.config.image_token_id})
+        return cls(model.tokenizer, ImageProcessorConfig.from_dict(settings, where), tokens,
+                   no_images_reason=reason, **options)
+
     def __call__(self, text: str, images: Sequence[Any] = (), *, add_special_tokens: bool = True,
                  max_soft_tokens: int | None = None) -> ProcessedPrompt:
         """Model inputs for `text` holding one image placeholder per image, in order.

@@ -2,6 +2,7 @@
 
     model = portable_dg.load("path/or/repo-id", backend="numpy")
     ctx = model.start(prompt_ids)              # encoder pass over the prompt
+    ctx = model.start(**processor_arrays)      # ... with images: the processor's numpy arrays
     logits = ctx.denoise(canvas_ids)           # [L, V] float32, soft-capped
     ctx.commit(block_ids)                      # encoder pass over a finished block
 
@@ -17,9 +18,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backend import Array, Backend
+from .checkpoint import VISION_PROJECTION
 from .config import DiffusionGemmaConfig, GenerationConfig
 from .errors import ConfigError
 from .models.diffusion_gemma import DiffusionGemma, KVCache
+from .models.gemma4_vision import Gemma4Vision
+from .prompt_images import PromptImages, check_images
 from .source import ModelSource, open_source
 from .tokenizer import Tokenizer
 
@@ -37,21 +41,40 @@ class Model:
         stored = getattr(source.tensors, "stored", source.tensors.__getitem__)
         weights = {name: backend.weight(name, stored(name)) for name in source.tensors}
         self.network = DiffusionGemma(self.config, weights, backend)
+        # the vision tower and projector, when the checkpoint has them (None: text only)
+        self.vision = (Gemma4Vision(self.config.vision, weights, backend)
+                       if self.config.vision is not None and VISION_PROJECTION in weights else None)
 
     @property
     def canvas_length(self) -> int:
         """Tokens per canvas (block)."""
         return self.config.canvas_length
 
-    def start(self, prompt_ids: Sequence[int] | np.ndarray) -> "Context":
-        """Run the encoder over the prompt; the returned context denoises canvases after it."""
+    def start(self, prompt_ids: Sequence[int] | np.ndarray, pixel_values: np.ndarray | None = None,
+              image_position_ids: np.ndarray | None = None,
+              mm_token_type_ids: np.ndarray | None = None) -> "Context":
+        """Run the encoder over the prompt; the returned context denoises canvases after it.
+
+        With images, give the processor's arrays (`portable_dg.processor.Processor`, or
+        transformers' Gemma4Processor, as numpy): prompt_ids with each image expanded to its
+        placeholders, pixel_values [N, P, 3 * patch^2], image_position_ids [N, P, 2] and
+        mm_token_type_ids [T].  The vision tower runs here, once."""
         ids = self.check_ids(prompt_ids, "prompt_ids")
         if len(ids) == 0:
             raise ConfigError("prompt_ids is empty: the encoder needs at least one token")
         self.check_positions(0, len(ids), "prompt_ids")
+        images = self.check_images(ids, pixel_values, image_position_ids, mm_token_type_ids)
         ctx = Context(self, self.network.make_cache(1, max(self.max_context, len(ids))))
-        self.network.encode(ids[None], ctx.cache, [0])
+        if images is None:
+            self.network.encode(ids[None], ctx.cache, [0])
+        else:
+            self.network.encode(ids[None], ctx.cache, [0], [images.for_encoder(self.vision)])
         return ctx
+
+    def check_images(self, ids: np.ndarray, pixel_values: Any = None, image_position_ids: Any = None,
+                     mm_token_type_ids: Any = None) -> PromptImages | None:
+        """A prompt's image arrays checked against it and the model (None: a text prompt)."""
+        return check_images(self.config, self.vision, ids, pixel_values, image_position_ids, mm_token_type_ids)
 
     def check_positions(self, start: int, count: int, what: str) -> None:
         """Positions start..start+count-1 must lie inside the model's context."""
@@ -120,19 +143,25 @@ class Context:
 
 
 def load(path_or_repo_id: str | Path, backend: str | Backend = "auto", max_context: int = 0,
-         check_memory: bool = True, **backend_options: Any) -> Model:
+         check_memory: bool = True, mmproj: str | Path | None = None, **backend_options: Any) -> Model:
     """Load a checkpoint (HF directory, GGUF file, MLX directory or hub repo id) onto a backend.
 
     backend: "auto" (`portable_dg.backends.auto_backend`), a name ("numpy", "mlx", "ggml",
     "torch") or a Backend instance; backend_options go to the backend's factory (e.g.
     dtype="float64" for numpy, device="cuda" for torch) and override auto's choices.
     max_context: KV cache positions to preallocate per sequence (it grows in chunks beyond).
-    check_memory: refuse, with the alternatives, a load whose weights would not fit in memory."""
+    check_memory: refuse, with the alternatives, a load whose weights would not fit in memory.
+    mmproj: a vision projector GGUF file (llama.cpp's layout, `pdg convert --to mmproj`) giving a
+    model without its own vision tower (a GGUF file) one."""
     from .backends import auto_backend, get_backend
 
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 0:
         raise ConfigError(f"max_context must be a non-negative integer, got {max_context!r}")
     source = open_source(path_or_repo_id)
+    if mmproj is not None:
+        from .converters.gguf_mmproj import attach_mmproj
+
+        source = attach_mmproj(source, mmproj)
     if backend == "auto":
         backend, chosen = auto_backend(source)
         backend_options = {**chosen, **backend_options}

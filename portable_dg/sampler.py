@@ -305,7 +305,9 @@ def generate(model: Any, prompt_ids: Sequence[int] | np.ndarray, **options: Any)
     -> id the sampler never changes, or positions whose ids come from start_canvas); on_step
     (called with a StepInfo after every step) and on_block (a BlockInfo after every canvas);
     json_schema, json_object, regex or grammar: a constraint every written token respects
-    (`portable_dg.constraints`; `completed` on the output says whether the text is whole)."""
+    (`portable_dg.constraints`; `completed` on the output says whether the text is whole).
+    Images: pixel_values, image_position_ids and mm_token_type_ids, the processor's arrays for
+    prompt_ids (see `Model.start`); the vision tower runs once, when the prompt is encoded."""
     from .engine import generate_batch
 
     return generate_batch(model, [prompt_ids], **options)[0]

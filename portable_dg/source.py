@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .checkpoint import check_tensors, open_checkpoint, resolve_model_path, sanitize
+from .checkpoint import (check_tensors, check_vision_tensors, open_checkpoint, resolve_model_path, sanitize,
+                         vision_tensors)
 from .config import DiffusionGemmaConfig, GenerationConfig, read_json
 from .errors import CheckpointError
 from .tokenizer import Tokenizer
@@ -62,10 +63,15 @@ def resolved_generation_config(path: Path) -> dict[str, Any]:
 
 
 def read_hf(path: Path) -> ModelSource:
-    """A Hugging Face checkpoint directory (single or sharded safetensors)."""
+    """A Hugging Face checkpoint directory (single or sharded safetensors), with its vision tower
+    when it has one."""
     raw, config, generation = read_configs(path)
-    tensors = sanitize(open_checkpoint(path))
+    stored = open_checkpoint(path)
+    tensors = sanitize(stored)
     check_tensors(tensors, config, str(path))
+    vision = vision_tensors(stored)
+    if check_vision_tensors(vision, config, str(path)):
+        tensors.update(vision)
     metadata = {"synthetic": bool(raw.get("portable_dg_synthetic", False)),
                 "dtypes": sorted({ref.dtype for ref in tensors.values()})}
     return ModelSource(config, generation, LazyTensors(tensors), Tokenizer.from_directory(path),

@@ -51,7 +51,7 @@ def test_info_json(tiny_a):
     data = json.loads(result.stdout)
     assert data["format"] == "hf" and data["canvas_length"] == 16
     assert data["layers"] == {"total": 4, "sliding": 2, "full": 2, "sliding_window": 8}
-    assert data["tensor_types"] == {"F32": 96}
+    assert data["tensor_types"] == {"F32": 96 + 17}           # text + the 1-layer vision tower
     assert data["parameters"]["total"] > data["parameters"]["active_per_token"] > 0
     text = run("info", str(tiny_a)).stdout
     assert "4 x width 32, top-2" in text

@@ -73,12 +73,19 @@ def categorical(logits: mx.array, uniforms: mx.array) -> mx.array:
     return mx.minimum(mx.sum(cdf <= target, axis=-1), logits.shape[-1] - 1)
 
 
-def attention_mask(T: int, S: int, causal_shift: int, window: int | None) -> mx.array:
-    """[T, S] bool, True where query i may read key j (j <= i + shift, within the window)."""
+def attention_mask(T: int, S: int, causal_shift: int, window: int | None,
+                   groups: mx.array | None = None) -> mx.array:
+    """[T, S] bool, True where query i may read key j (j <= i + shift, within the window); with
+    groups [B, T], [B, 1, T, S] where also the queries' own tokens of one group >= 0 see each other."""
     query = mx.arange(T)[:, None] + causal_shift
     key = mx.arange(S)[None, :]
     visible = key <= query
-    return visible if window is None else visible & (query - key < window)
+    visible = visible if window is None else visible & (query - key < window)
+    if groups is None:
+        return visible
+    keys = mx.concatenate([mx.full((groups.shape[0], S - T), -1, groups.dtype), groups], axis=1)   # [B, S]
+    same = (groups[:, :, None] == keys[:, None, :]) & (groups[:, :, None] >= 0)
+    return (visible[None] | same)[:, None]
 
 
 class MLXBackend:
@@ -188,9 +195,9 @@ class MLXBackend:
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
-    def attention(self, q, k, v, *, causal_shift, window):
+    def attention(self, q, k, v, *, causal_shift, window, groups=None):
         T, S = q.shape[1], k.shape[1]
-        mask = None if causal_shift is None else attention_mask(T, S, causal_shift, window)
+        mask = None if causal_shift is None else attention_mask(T, S, causal_shift, window, groups)
         out = mx.fast.scaled_dot_product_attention(
             q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2),             # [B, n, T|S, d]
             scale=1.0, mask=mask)
@@ -226,6 +233,9 @@ class MLXBackend:
     def to_float32(self, x: mx.array) -> mx.array:
         return x.astype(mx.float32)
 
+    def to_compute(self, x: mx.array) -> mx.array:
+        return x.astype(self.dtype)
+
     # --- sampler ops --------------------------------------------------------------------------
     def divide_rows(self, x: mx.array, t: mx.array) -> mx.array:
         return x / t.reshape(-1, *[1] * (x.ndim - 1))
@@ -256,7 +266,7 @@ class MLXBackend:
         return mx.all(x, axis=axis)
 
     def mean(self, x: mx.array, axis: int) -> mx.array:
-        return mx.mean(x, axis=axis)
+        return mx.mean(x.astype(mx.float32), axis=axis)
 
     def compile_step(self, fn: Callable[..., Any]) -> "CompiledStep":
         """The denoising step through `mx.compile` (traced once per batch change) when compiling,

@@ -85,7 +85,7 @@ class NumpyBackend:
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
-    def attention(self, q, k, v, *, causal_shift, window):
+    def attention(self, q, k, v, *, causal_shift, window, groups=None):
         n, T, nq, d = q.shape
         S, nkv = k.shape[1], k.shape[2]
         g = nq // nkv
@@ -105,6 +105,9 @@ class NumpyBackend:
                 hidden = key_pos > query_pos
                 if window is not None:
                     hidden |= query_pos - key_pos >= window
+                if groups is not None:                            # [B, 1, r, S]: per sequence
+                    hidden = (hidden & ~same_group(groups, np.arange(rows.start, rows.stop) % T, S))[:, None]
+                    hidden = np.broadcast_to(hidden, scores.shape)
                 scores[..., hidden] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)          # softmax in place
             np.exp(scores, out=scores)
@@ -163,6 +166,9 @@ class NumpyBackend:
     def to_float32(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float32)
 
+    def to_compute(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, self.dtype)
+
     # --- sampler ops --------------------------------------------------------------------------
     def divide_rows(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         t = np.asarray(t).reshape(-1, *[1] * (x.ndim - 1))
@@ -204,6 +210,15 @@ class NumpyBackend:
 
     def mean(self, x: np.ndarray, axis: int) -> np.ndarray:
         return np.mean(x, axis=axis)
+
+
+def same_group(groups: np.ndarray, tokens: np.ndarray, S: int) -> np.ndarray:
+    """[B, r, S] bool: query token tokens[i] and key j are in the same group (>= 0); the last T
+    keys are the T query tokens (groups [B, T]), earlier keys are in none."""
+    n, T = groups.shape
+    keys = np.concatenate([np.full((n, S - T), -1, groups.dtype), groups], axis=1)     # [B, S]
+    query = groups[:, tokens][:, :, None]                                             # [B, r, 1]
+    return (query == keys[:, None, :]) & (query >= 0)
 
 
 def row_chunks(flat: np.ndarray) -> list[slice]:

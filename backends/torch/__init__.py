@@ -149,7 +149,7 @@ class TorchBackend:
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rotate(x, cos, sin)
 
-    def attention(self, q, k, v, *, causal_shift, window):
+    def attention(self, q, k, v, *, causal_shift, window, groups=None):
         T, S = q.shape[1], k.shape[1]
         mask = None
         if causal_shift is not None:
@@ -158,6 +158,10 @@ class TorchBackend:
             mask = key_pos <= query_pos                                       # [T, S] True = visible
             if window is not None:
                 mask &= query_pos - key_pos < window
+            if groups is not None:                                            # [B, 1, T, S]
+                keys = torch.cat([groups.new_full((groups.shape[0], S - T), -1), groups], dim=1)   # [B, S]
+                same = (groups[:, :, None] == keys[:, None, :]) & (groups[:, :, None] >= 0)
+                mask = (mask[None] | same)[:, None]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),          # [B, n, T|S, d]
             attn_mask=mask, scale=1.0, enable_gqa=q.shape[2] != k.shape[2])
@@ -189,6 +193,9 @@ class TorchBackend:
 
     def to_float32(self, x: torch.Tensor) -> torch.Tensor:
         return x.float()
+
+    def to_compute(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
 
     # --- sampler ops --------------------------------------------------------------------------
     def divide_rows(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 # target format -> "module:function(src, out, quant, *, imatrix, ...)"
 CONVERTERS = {
     "gguf": "portable_dg.converters.gguf:convert_to_gguf",
+    "mmproj": "portable_dg.converters.gguf_mmproj:convert_to_mmproj",     # the vision tower, llama.cpp's layout
     "mlx": "portable_dg.converters.mlx:convert_to_mlx",
     "torch": "portable_dg.converters.torch_fp8:convert_to_torch",
 }
@@ -25,7 +26,7 @@ CONVERTERS = {
 @click.option("--to", "target", required=True, type=click.Choice(sorted(CONVERTERS)), help="Output format.")
 @click.option("--quant", default="F16", show_default=True,
               help="GGUF: F32, F16, BF16, Q8_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M. "
-                   "MLX: none, bf16, f16, q4, q6, q8 or mxfp4. torch: fp8.")
+                   "mmproj: F32, F16, BF16 or Q8_0. MLX: none, bf16, f16, q4, q6, q8 or mxfp4. torch: fp8.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Importance matrix (.npz from `pdg imatrix`) for the quantized types.")
 @click.option("--group-size", type=int, default=None,
@@ -40,10 +41,11 @@ def convert(src: str, out: str, target: str, quant: str, imatrix: str | None, gr
     """Convert the checkpoint SRC (directory or hub repo id) to OUT."""
     if (group_size is not None or mix is not None) and target != "mlx":
         raise ConfigError("--group-size and --mix apply to --to mlx only")
-    if force and target != "gguf":
+    if force and target not in ("gguf", "mmproj"):
         raise ConfigError(f"--force replaces an existing file; --to {target} writes a directory, which is "
                           "never replaced (remove it first)")
-    extra = {"mlx": {"group_size": group_size, "mix": mix or "portable"}, "gguf": {"force": force}}.get(target, {})
+    extra = {"mlx": {"group_size": group_size, "mix": mix or "portable"}, "gguf": {"force": force},
+             "mmproj": {"force": force}}.get(target, {})
     module, func = CONVERTERS[target].split(":")
     path = getattr(importlib.import_module(module), func)(src, out, quant.upper(), imatrix=imatrix, **extra)
     click.echo(f"wrote {path}")

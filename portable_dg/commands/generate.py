@@ -1,11 +1,13 @@
-"""`pdg generate`: text (or ids) from a prompt, by block diffusion."""
+"""`pdg generate`: text (or ids) from a prompt, with images or without, by block diffusion."""
 
 from __future__ import annotations
 
 import shutil
 import sys
+from typing import Any
 
 import click
+import numpy as np
 
 from ..errors import ConfigError
 from .model_options import load_model, model_options
@@ -36,6 +38,34 @@ def prompt_ids(model, prompt: str | None, ids: str | None, chat: bool | None, th
     return [model.config.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
 
 
+def image_inputs(model, prompt: str | None, ids: str | None, chat: bool | None, think: bool,
+                 images: tuple[str, ...]) -> dict[str, Any]:
+    """`generate`'s prompt arguments for a text prompt with images, through the checkpoint's
+    processor: in the chat template the images come before the text of the user turn; without it
+    the text must hold one <|image|> placeholder per image, or they are put before it."""
+    from ..processor import Processor
+
+    if ids is not None or prompt is None:
+        raise ConfigError("--image needs a text --prompt (the processor expands each image into its tokens)")
+    if model.vision is None:
+        raise ConfigError(f"{model.source.path}: this model has no vision tower (no vision_config or no vision "
+                          "tensors; a GGUF file takes one from --mmproj), so it cannot take --image")
+    processor = Processor.for_model(model)
+    if bool(model.tokenizer.chat_template) if chat is None else chat:
+        content = [*({"type": "image", "image": image} for image in images), {"type": "text", "text": prompt}]
+        inputs = processor.apply_chat_template([{"role": "user", "content": content}],
+                                               add_generation_prompt=True, enable_thinking=think)
+        ids_in, types = inputs.input_ids, inputs.mm_token_type_ids
+    else:
+        placeholder = processor.tokens.image if processor.tokens else ""
+        text = prompt if placeholder in prompt else placeholder * len(images) + prompt
+        inputs = processor(text, images, add_special_tokens=False)
+        ids_in = np.concatenate([[model.config.bos_token_id], inputs.input_ids])
+        types = np.concatenate([[0], inputs.mm_token_type_ids])
+    return dict(prompt_ids=ids_in, pixel_values=inputs.pixel_values, image_position_ids=inputs.image_position_ids,
+                mm_token_type_ids=types)
+
+
 class DraftView:
     """--show-drafts: the canvas being denoised, redrawn in place on a terminal."""
 
@@ -62,6 +92,10 @@ class DraftView:
 @model_options
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-ids", "ids", default=None, help="Prompt as token ids, e.g. 2,10,11.")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="An image for the prompt (PNG, JPEG, GIF, WebP, BMP, TIFF); repeat for several.")
+@click.option("--mmproj", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Vision projector GGUF (llama.cpp's mmproj layout) for a GGUF model's --image.")
 @click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template "
               "(default: when the checkpoint has one).")
 @click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
@@ -77,15 +111,18 @@ class DraftView:
 @click.option("--regex", default=None, help="Constrain the output to match this regular expression.")
 @click.option("--grammar", type=click.Path(dir_okay=False), default=None,
               help="Constrain the output to this context-free grammar file (Lark or GBNF).")
-def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_new_tokens, steps, seed,
-             greedy, print_ids, show_drafts, json_schema, json_object, regex, grammar):
-    """Generate from a prompt by block diffusion."""
+def generate(model_path, backend, device, dtype, prompt, ids, images, mmproj, chat, think, max_new_tokens, steps,
+             seed, greedy, print_ids, show_drafts, json_schema, json_object, regex, grammar):
+    """Generate from a prompt (and images) by block diffusion."""
     import portable_dg
 
-    model = load_model(model_path, backend, device, dtype)
-    ids_in = prompt_ids(model, prompt, ids, chat, think)
+    model = load_model(model_path, backend, device, dtype, mmproj)
+    if images:
+        inputs = image_inputs(model, prompt, ids, chat, think, images)
+    else:
+        inputs = dict(prompt_ids=prompt_ids(model, prompt, ids, chat, think))
     constraint = constraint_options(json_schema, json_object, regex, grammar)
-    out = portable_dg.generate(model, ids_in, max_new_tokens=max_new_tokens, max_denoising_steps=steps,
+    out = portable_dg.generate(model, **inputs, max_new_tokens=max_new_tokens, max_denoising_steps=steps,
                                seed=seed, greedy=greedy, on_step=DraftView(model) if show_drafts else None,
                                **constraint)
     if print_ids:

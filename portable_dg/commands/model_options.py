@@ -26,12 +26,14 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def load_model(model_path: str | None, backend: str, device: str | None, dtype: str | None) -> Any:
-    """The model those options name (the bundled Sudoku model when --model is not given)."""
+def load_model(model_path: str | None, backend: str, device: str | None, dtype: str | None,
+               mmproj: str | None = None) -> Any:
+    """The model those options name (the bundled Sudoku model when --model is not given); mmproj:
+    a GGUF model's vision projector file."""
     import portable_dg
 
     if model_path is None:
         from ..sudoku import default_model_path
         model_path = default_model_path()
     options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-    return portable_dg.load(model_path, backend=backend, **options)
+    return portable_dg.load(model_path, backend=backend, mmproj=mmproj, **options)
