@@ -20,7 +20,8 @@ import click
 from ..errors import PortableDGError
 from .model_options import load_model, model_options
 
-HELP = "/reset clears the history, /system [TEXT] shows or sets the system prompt, /exit leaves"
+HELP = ("/image PATH attaches an image to your next message, /reset clears the history, /system [TEXT] shows "
+        "or sets the system prompt, /exit leaves")
 
 
 @dataclass
@@ -49,17 +50,46 @@ class ChatSession:
             k: v for k, v in options.items() if k not in ("seed", "greedy")})
         self.options = options
         self.engine = Engine(model, max_batch=1, prefix_rows=1)     # each turn reuses the last one's cache
-        self.history: list[dict[str, str]] = []
+        self.history: list[dict[str, Any]] = []
+        self.attached: list[str] = []          # images for the next user message
+        self.processor: Any = None             # built when the first image is attached
 
-    def conversation(self, user_text: str) -> list[dict[str, str]]:
+    def attach(self, path: str) -> None:
+        """Attach an image file to the next user message (checked now: one-line errors)."""
+        from ..processor import Processor
+        from ..image_processor import load_image
+
+        if self.processor is None:
+            self.processor = Processor.for_model(self.model)
+        load_image(path)
+        self.attached.append(path)
+
+    def user_message(self, user_text: str) -> dict[str, Any]:
+        """The next user message: its text, after the attached images when there are any."""
+        if not self.attached:
+            return {"role": "user", "content": user_text}
+        return {"role": "user", "content": [*({"type": "image", "image": p} for p in self.attached),
+                                            {"type": "text", "text": user_text}]}
+
+    def conversation(self, user_text: str) -> list[dict[str, Any]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.history + [{"role": "user", "content": user_text}]
+        return system + self.history + [self.user_message(user_text)]
 
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """The ids of the next turn's prompt (the whole conversation, generation prompt added)."""
+    def prompt(self, user_text: str) -> tuple[list[int], dict[str, Any]]:
+        """The next turn's prompt ids (the whole conversation, generation prompt added) and, when
+        the conversation holds images, the engine's image arrays."""
         from ..server.prompts import chat_prompt_ids
 
-        return chat_prompt_ids(self.model.tokenizer, self.conversation(user_text), self.enable_thinking)
+        messages = self.conversation(user_text)
+        if not any(isinstance(m["content"], list) for m in messages):
+            return chat_prompt_ids(self.model.tokenizer, messages, self.enable_thinking), {}
+        inputs = self.processor.apply_chat_template(messages, enable_thinking=self.enable_thinking)
+        return inputs.input_ids.tolist(), {"pixel_values": inputs.pixel_values, "mm_token_type_ids":
+                                           inputs.mm_token_type_ids, "image_position_ids": inputs.image_position_ids}
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The ids of the next turn's prompt."""
+        return self.prompt(user_text)[0]
 
     def reply(self, user_text: str, on_step: Callable[[Any], Any] | None = None,
               on_text: Callable[[str], Any] | None = None,
@@ -77,8 +107,9 @@ class ChatSession:
             if delta and on_text is not None:
                 on_text(delta)
 
-        seq = self.engine.submit(self.prompt_ids(user_text), max_new_tokens=self.max_tokens, on_step=on_step,
-                                 on_block=on_block, **self.options)
+        ids, images = self.prompt(user_text)
+        seq = self.engine.submit(ids, max_new_tokens=self.max_tokens, on_step=on_step, on_block=on_block,
+                                 **images, **self.options)
         while not seq.done:
             if interrupted():
                 self.engine.cancel(seq)
@@ -87,11 +118,12 @@ class ChatSession:
         tail = stream.finish()
         if tail and on_text is not None:
             on_text(tail)
-        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": stream.text}]
+        self.history += [self.user_message(user_text), {"role": "assistant", "content": stream.text}]
+        self.attached = []
         return Reply(stream.text, stream.tokens, seq.output.steps, time.monotonic() - started, stream.finish_reason)
 
     def reset(self) -> None:
-        self.history = []
+        self.history, self.attached = [], []
 
 
 class CanvasView:
@@ -170,6 +202,12 @@ def command(session: ChatSession, line: str) -> bool:
     if name == "/reset":
         session.reset()
         click.echo("history cleared", err=True)
+    elif name == "/image":
+        try:
+            session.attach(argument.strip())
+            click.echo(f"attached {argument.strip()} ({len(session.attached)} for your next message)", err=True)
+        except PortableDGError as e:
+            click.echo(f"error: {e}", err=True)
     elif name == "/system":
         if argument.strip():
             session.system = argument.strip()

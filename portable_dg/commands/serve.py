@@ -40,14 +40,19 @@ def is_loopback(host: str) -> bool:
               help="Requests waiting beyond --max-concurrent; more are answered 429 at once.")
 @click.option("--max-tokens", type=int, default=4096, show_default=True,
               help="The largest max_tokens a request may ask for.")
-@click.option("--max-body", "max_body_bytes", type=int, default=1 << 20, show_default=True,
+@click.option("--max-body", "max_body_bytes", type=int, default=20 << 20, show_default=True,
               help="The largest request body in bytes.")
+@click.option("--max-images", type=int, default=4, show_default=True, help="Image parts a request may hold.")
+@click.option("--max-image-bytes", type=int, default=8 << 20, show_default=True,
+              help="The largest image file (a data: URL decoded, or a fetched URL).")
+@click.option("--allow-image-urls", is_flag=True,
+              help="Fetch http(s) image URLs (default: data: URLs only; the server makes no network access).")
 @click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
               help="Seconds a request may take, queueing included.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model_path, backend, device, dtype, host, port, api_key, model_name, max_concurrent, max_queue,
-          max_tokens, max_body_bytes, timeout_s, log_level):
+          max_tokens, max_body_bytes, max_images, max_image_bytes, allow_image_urls, timeout_s, log_level):
     """Serve a model over an OpenAI-compatible HTTP API with a live web page at /."""
     try:
         from ..server.app import ServerSettings, bind, create_app, uvicorn_server
@@ -58,7 +63,9 @@ def serve(model_path, backend, device, dtype, host, port, api_key, model_name, m
 
     settings = ServerSettings(model_name=model_name or served_name(model_path or default_model_path()),
                               api_key=api_key, max_concurrent=max_concurrent, max_queue=max_queue,
-                              max_tokens=max_tokens, max_body_bytes=max_body_bytes, timeout_s=timeout_s)
+                              max_tokens=max_tokens, max_body_bytes=max_body_bytes, timeout_s=timeout_s,
+                              max_images=max_images, max_image_bytes=max_image_bytes,
+                              allow_image_urls=allow_image_urls)
     model = load_model(model_path, backend, device, dtype)
     app = create_app(model, settings)
     sock = bind(host, port)

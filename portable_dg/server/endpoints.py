@@ -36,13 +36,12 @@ async def chat_completions(request: Request) -> Response:
     body: ChatRequest = await body_of(request, ChatRequest)
     if not service.tokenizer.chat_template:
         raise ApiError(400, "this checkpoint has no chat template; use /v1/completions", param="messages")
-    ids = prompt_ids_or_400(lambda: chat_prompt_ids(service.tokenizer, [m.as_dict() for m in body.messages]),
-                            "messages")
+    ids, images = service.chat_prompt([m.as_dict() for m in body.messages])
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, param)
     generation = await service.start(GenerationRequest(
-        ids, service.options(body, max_tokens, greedy=body.temperature == 0), max_tokens, body.stop_list(),
-        drafts=body.drafts()))
+        ids, {**service.options(body, max_tokens, greedy=body.temperature == 0), **images}, max_tokens,
+        body.stop_list(), drafts=body.drafts()))
     envelope = Envelope("chatcmpl", "chat.completion.chunk" if body.stream else "chat.completion",
                         service.settings.model_name, body.usage_chunk())
 

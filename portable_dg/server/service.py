@@ -38,11 +38,14 @@ class ServerSettings:
     max_concurrent: int = 4           # sequences denoised together (the engine's batch)
     max_queue: int = 16               # requests waiting beyond those; more get 429 at once
     max_tokens: int = 4096            # the largest max_tokens a request may ask for
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 20 << 20    # room for a few images as data: URLs
     timeout_s: float = 600.0          # a request's whole life, queueing included
+    max_images: int = 4               # image parts per request
+    max_image_bytes: int = 8 << 20    # one image's encoded file (a data: URL decoded, or a fetched URL)
+    allow_image_urls: bool = False    # fetch http(s) image URLs (off: data: URLs only, no network access)
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent", "max_tokens", "max_body_bytes"):
+        for name in ("max_concurrent", "max_tokens", "max_body_bytes", "max_images", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_queue < 0 or not self.timeout_s > 0:
@@ -65,6 +68,61 @@ class Service:
         self.pad = gen.pad_token_id
         self.in_flight = 0
         self.created = int(time.time())
+        self.processor: Any = None          # built on the first request with images
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
+        """A chat's prompt ids and, when its messages hold images, the engine's image arrays; a
+        400 naming what is wrong (too many or too large images, a URL not fetched, no vision tower)."""
+        from .prompts import chat_prompt_ids
+
+        images = [part for m in messages if isinstance(m.get("content"), list) for part in m["content"]
+                  if part.get("type") in ("image_url", "image")]
+        if not images:
+            return prompt_ids_or_400(lambda: chat_prompt_ids(self.tokenizer, messages), "messages"), {}
+        reason = self.image_refusal()
+        if reason is not None:
+            raise ApiError(400, f"this model takes no images ({reason}); send text parts only", param="messages")
+        if len(images) > self.settings.max_images:
+            raise ApiError(400, f"{len(images)} images in one request; this server takes at most "
+                           f"{self.settings.max_images} (pdg serve --max-images)", param="messages")
+        for part in images:
+            self.load_image_url(part)
+        try:
+            prompt = self.processor.apply_chat_template(messages)
+        except PortableDGError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        arrays = {"pixel_values": prompt.pixel_values, "image_position_ids": prompt.image_position_ids,
+                  "mm_token_type_ids": prompt.mm_token_type_ids}
+        return prompt.input_ids.tolist(), arrays
+
+    def image_refusal(self) -> str | None:
+        """Why this model takes no images (no vision tower, no image processor), or None."""
+        if self.model.vision is None:
+            return "it has no vision tower"
+        if self.processor is None:
+            from ..processor import Processor
+            try:
+                self.processor = Processor.for_model(self.model)
+            except PortableDGError as e:
+                return str(e)
+        return self.processor.no_images_reason
+
+    def load_image_url(self, part: dict[str, Any]) -> None:
+        """Check an image part's size; an http(s) URL becomes the fetched bytes when allowed."""
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str):
+            return                           # not an image_url part: the processor says what is wrong
+        limit = self.settings.max_image_bytes
+        if url.startswith("data:") and len(url) > limit * 4 // 3 + 1024:
+            raise ApiError(413, f"an image is over {limit} bytes (pdg serve --max-image-bytes)",
+                           param="messages", code="image_too_large")
+        if url.startswith(("http://", "https://")):
+            if not self.settings.allow_image_urls:
+                raise ApiError(400, "image URLs are not fetched by this server: send the image as a data: URL "
+                               "(or start pdg serve with --allow-image-urls)", param="messages")
+            part["image_url"] = {"url": fetch_image(url, limit)}
+
 
     # ------------------------------------------------------------------------------ admission
 
@@ -224,3 +282,19 @@ def prompt_ids_or_400(make: Callable[[], list[int]], param: str) -> list[int]:
         return make()
     except PortableDGError as e:
         raise ApiError(400, str(e), param=param) from None
+
+
+def fetch_image(url: str, limit: int, timeout_s: float = 10.0) -> str:
+    """An http(s) image as a data: URL, at most `limit` bytes; a 400 when it cannot be had."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            data = response.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ApiError(400, f"cannot fetch the image {url}: {e}", param="messages") from None
+    if len(data) > limit:
+        raise ApiError(413, f"the image {url} is over {limit} bytes", param="messages", code="image_too_large")
+    return "data:image/*;base64," + base64.b64encode(data).decode()

@@ -39,7 +39,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "Input should be"),
     ({"messages": [{"role": "user", "content": "no puzzle here"}]}, 400, "messages", "needs a user message"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
-     "messages", "only text"),
+     "messages", "takes no images"),
     (chat(model="gpt-4o"), 404, "model", "does not exist"),
 ]
 
