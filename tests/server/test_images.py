@@ -52,7 +52,8 @@ def test_image_url_parts_answer_as_the_api(vision_model):
 def test_bad_image_parts_are_400(vision_model, url, status, words):
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]
     with running_server(vision_model, model_name="tiny") as server:
-        code, _, body = request(server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})
+        code, _, body = request(server.url + "/v1/chat/completions",
+                                {"messages": [{"role": "user", "content": content}]})
         assert code == status and words in body["error"]["message"], body
         ok, _, _ = request(server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                                   "max_tokens": 16})
