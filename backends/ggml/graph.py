@@ -781,10 +781,12 @@ class GraphStep:
         self.recordings = self.replays = 0   # steps traced afresh / replayed from a trace
 
     def __call__(self, network: Any, frame: Any, state: Any, knobs: Any) -> Any:
-        if network is not self.network:
+        if network is not self.network:          # the same model over the graph ops (the network may be proxied)
+            from portable_dg.models.diffusion_gemma import DiffusionGemma
+
             self.network = network
-            self.traced_network = dataclasses.replace(
-                network, backend=self.ops, weights=GraphWeights(network.weights, self.backend.vectors, self))
+            self.traced_network = DiffusionGemma(network.config, GraphWeights(network.weights, self.backend.vectors,
+                                                                              self), self.ops)
         if state.soft is None:       # zeros condition nothing (see the module docstring): one trace
             state = dataclasses.replace(state, soft=np.zeros((*state.canvas.shape, network.config.hidden_size),
                                                              np.float32))
