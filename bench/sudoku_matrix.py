@@ -30,6 +30,7 @@ from pathlib import Path  # noqa: E402
 from portable_dg import load  # noqa: E402
 from portable_dg import sudoku as sd  # noqa: E402
 from portable_dg.backends import available  # noqa: E402
+from sudoku_reference import pattern_noise, reference_evaluate  # noqa: E402  (bench/, beside this file)
 
 HERE = Path(__file__).resolve().parent
 PDG = [sys.executable, "-m", "portable_dg.cli"]
@@ -163,8 +164,8 @@ def compare_section(args: argparse.Namespace, have_torch: bool) -> list[str]:
         return ["## transformers reference", "", "Not run: torch is not installed here."]
     pairs = sd.test_set(args.compare_puzzles)
     model = load(args.model, backend="numpy")
-    ours = sd.evaluate(model, pairs, noise=sd.pattern_noise(model.config.vocab_size), greedy=True)
-    ref = sd.reference_evaluate(args.model, pairs)
+    ours = sd.evaluate(model, pairs, noise=pattern_noise(model.config.vocab_size), greedy=True)
+    ref = reference_evaluate(args.model, pairs)
     agree = sum(a == b for a, b in zip(ours.answers, ref.answers))
     print(f"transformers: {ref.summary()}; identical answers {agree}/{len(pairs)}", file=sys.stderr)
     return ["## transformers reference (deterministic stand-ins)", "",

@@ -10,23 +10,24 @@ ggml quantization: `gguf_quant`; tokenizer metadata: `gguf_tokenizer`.
 
 from __future__ import annotations
 
-import os
-import struct
-import tempfile
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from portable_dg.config import DEFAULT_ROPE, FULL, SLIDING, DiffusionGemmaConfig, GenerationConfig
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
+from portable_dg.outputs import check_new_file, output_file
+from portable_dg.progress import Progress
 from portable_dg.source import ModelSource
 
 from .gguf_names import (ARCH, ARCH_ALIASES, DEC, ENC_SCALAR, ENC_SCALAR_GGUF, GLOBAL_TENSORS,
                          LAYER_TENSORS, ROPE_FREQS, SAMPLER_KEYS, SC_PRE_NORM_ALIASES, SPLIT_EXPERTS,
                          Keys, gguf_name, hf_layer_name)
 from .gguf_quant import FILE_TYPES, READABLE_TYPES, check_quant, quantize_rows, row_bytes, tensor_type
+from .gguf_reader import GGUFFile, Metadata, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -67,19 +68,20 @@ class PlannedTensor:
 
 
 def convert_to_gguf(src: str | Path, out: str | Path, quant: str = "F16", *,
-                    imatrix: str | Path | None = None, progress: bool = True) -> Path:
+                    imatrix: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint directory to one GGUF file.
 
     Args:
         src: checkpoint directory (or hub repo id).
-        out: the .gguf file to write (atomically; never the source).
+        out: the .gguf file to write (atomically; never the source; an existing file only with
+            `force`).
         quant: one of `gguf_quant.QUANT_CHOICES` (F32, F16, BF16, Q8_0, Q4_0, Q3_K, Q4_K, Q5_K,
             Q6_K, Q4_K_M, Q5_K_M).
         imatrix: an importance matrix (.npz from `pdg imatrix`) for the quantized types.
-        progress: show a tqdm bar.
+        progress: report progress on stderr (bytes written).
     Returns: the output path."""
     from portable_dg.checkpoint import check_tensors, open_checkpoint, resolve_model_path, sanitize
-    from portable_dg.config import DiffusionGemmaConfig, GenerationConfig, read_json
+    from portable_dg.source import read_configs
     from portable_dg.tokenizer import Tokenizer
 
     from .gguf_tokenizer import tokenizer_metadata
@@ -88,17 +90,21 @@ def convert_to_gguf(src: str | Path, out: str | Path, quant: str = "F16", *,
     src = resolve_model_path(src)
     if not (src / "config.json").exists():
         raise CheckpointError(f"{src}: not a Hugging Face checkpoint directory (no config.json)")
-    cfg = DiffusionGemmaConfig.from_file(src / "config.json")
-    gen_path = src / "generation_config.json"
-    gen = GenerationConfig.from_dict(read_json(gen_path) if gen_path.exists() else {}, cfg, str(gen_path))
+    check_new_file(out, force=force, sources=[src])
+    raw, cfg, gen = read_configs(src)
     refs = sanitize(open_checkpoint(src))
     check_tensors(refs, cfg, str(src))
     importance = load_imatrix(imatrix) if imatrix else {}
     metadata = model_metadata(cfg, gen, name=src.name, quant=quant)
+    if raw.get("portable_dg_synthetic"):
+        metadata[Keys.SYNTHETIC] = ("BOOL", True)
     metadata.update(tokenizer_metadata(src, Tokenizer.from_directory(src)))
     planned = [_plan_hf_tensor(name, ref, quant, cfg, importance) for name, ref in _ordered(refs, cfg)]
     planned.insert(1, _rope_freqs_tensor(cfg))
-    return write_gguf(out, ARCH, metadata, planned, protect=src, progress=progress)
+    if importance and not any(t.imatrix is not None for t in planned):
+        raise ConfigError(f"{imatrix}: the importance matrix has no entry for any quantized tensor of {src} "
+                          "(made for another model?)")
+    return write_gguf(out, ARCH, metadata, planned, sources=[src], force=force, progress=progress)
 
 
 def _ordered(refs: Mapping[str, Any], cfg: DiffusionGemmaConfig) -> list[tuple[str, Any]]:
@@ -204,70 +210,64 @@ def model_metadata(cfg: DiffusionGemmaConfig, gen: GenerationConfig, name: str,
 
 
 def write_gguf(out: str | Path, arch: str, metadata: Mapping[str, tuple[str, Any]],
-               planned: list[PlannedTensor], *, protect: Path | None = None,
+               planned: list[PlannedTensor], *, sources: Sequence[Path] = (), force: bool = False,
                progress: bool = True) -> Path:
     """Write metadata and tensors with gguf-py's GGUFWriter, one tensor at a time, to a temporary
-    file next to `out`, then rename it; refuses to overwrite `protect` (the source)."""
+    file next to `out`, then rename it (see `portable_dg.outputs.output_file`)."""
     from gguf import GGUFValueType, GGUFWriter, GGMLQuantizationType
-    from tqdm import tqdm
 
     out = Path(out)
-    if protect is not None and out.exists() and (out.resolve() == protect.resolve()
-                                                 or protect.resolve() in out.resolve().parents):
-        raise ConfigError(f"{out}: refusing to overwrite the source")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    sizes = [int(np.prod(t.shape[:-1], dtype=np.int64)) * row_bytes(t.qtype, t.shape[-1]) for t in planned]
+    with output_file(out, force=force, sources=sources) as tmp, \
+            Progress(sum(sizes), f"writing {out.name}", enabled=progress) as bar:
         writer = GGUFWriter(tmp, arch)
-        for key, (vtype, value) in metadata.items():
-            kind, _, sub = vtype.partition(":")
-            writer.add_key_value(key, value, GGUFValueType[kind], GGUFValueType[sub] if sub else None)
-        for t in planned:
-            nbytes = int(np.prod(t.shape[:-1], dtype=np.int64)) * row_bytes(t.qtype, t.shape[-1])
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes,
-                                   raw_dtype=GGMLQuantizationType[t.qtype])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tqdm(planned, desc=f"writing {out.name}", unit="tensor", disable=not progress):
-            writer.write_tensor_data(quantize_rows(t.rows, t.shape, t.qtype, t.imatrix))
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            for key, (vtype, value) in metadata.items():
+                kind, _, sub = vtype.partition(":")
+                writer.add_key_value(key, value, GGUFValueType[kind], GGUFValueType[sub] if sub else None)
+            for t, nbytes in zip(planned, sizes):
+                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes,
+                                       raw_dtype=GGMLQuantizationType[t.qtype])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in planned:
+                writer.write_tensor_data(quantize_rows(t.rows, t.shape, t.qtype, t.imatrix, on_rows=bar.update))
+        finally:
+            with contextlib.suppress(OSError):    # a full disk fails the flush again; the write's error counts
+                writer.close()
     return out
 
 
-def requantize_gguf(src: str | Path, out: str | Path, quant: str, *,
-                    imatrix: str | Path | None = None, progress: bool = True) -> Path:
+def requantize_gguf(src: str | Path, out: str | Path, quant: str, *, imatrix: str | Path | None = None,
+                    force: bool = False, progress: bool = True) -> Path:
     """Re-quantize a GGUF file whose matrices are F32, F16, BF16 or Q8_0 (`pdg quantize`).
 
-    Metadata is copied (file type updated); every tensor gets the type `quant` assigns to it."""
+    Metadata is copied (file type updated); every tensor gets the type `quant` assigns to it.
+    `out` must not exist unless `force`; it is never `src`."""
     check_quant(quant)
     src = Path(src)
-    reader = open_gguf(src)
-    fields = decode_fields(reader)
+    check_new_file(out, force=force, sources=[src])
+    file = open_gguf(src)
+    fields = decode_fields(file)
     arch = _architecture(fields, src)
     n_layers = _int_field(fields, Keys.BLOCK_COUNT.format(arch=arch), src)
-    pattern = fields.get(Keys.SLIDING_WINDOW_PATTERN.format(arch=arch)) or [True] * n_layers
+    pattern = _bool_list(fields, Keys.SLIDING_WINDOW_PATTERN.format(arch=arch), n_layers, src, [True] * n_layers)
     v_index = {i: k for k, i in enumerate(i for i, s in enumerate(pattern) if s)}
     importance = load_imatrix(imatrix) if imatrix else {}
     planned = []
-    for t in reader.tensors:
-        stored = _stored_tensor(t, src)
+    for t in file.tensors:
+        stored = _stored_tensor(file, t)
         qtype = tensor_type(t.name, stored.shape, quant, n_layers, v_index)
         if stored.qtype not in REQUANTIZABLE and stored.qtype != qtype:
             raise ConfigError(f"{src}: tensor {t.name} is {stored.qtype}; requantizing needs "
                               f"{', '.join(REQUANTIZABLE)} sources")
         planned.append(PlannedTensor(t.name, stored.shape, qtype, _dequantized_rows(stored),
                                      _imatrix_for(t.name, stored.shape, qtype, importance)))
-    metadata = {key: (_value_type_name(reader.fields[key]), value) for key, value in fields.items()
-                if key not in ("general.architecture", "general.file_type")
-                and not key.startswith("GGUF.")}
+    metadata = {key: (field.type_name, fields[key]) for key, field in file.fields.items()
+                if key not in ("general.architecture", "general.file_type", "general.alignment")}
     metadata["general.file_type"] = ("UINT32", FILE_TYPES[quant])
-    return write_gguf(out, arch, metadata, planned, protect=src, progress=progress)
+    return write_gguf(out, arch, metadata, planned, sources=[src], force=force, progress=progress)
 
 
 REQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0")
@@ -281,68 +281,17 @@ def _dequantized_rows(t: GGUFTensor) -> Callable[[int, int], np.ndarray]:
     return rows
 
 
-def _value_type_name(field: Any) -> str:
-    """gguf-py ReaderField -> our "TYPE" / "ARRAY:SUBTYPE" name."""
-    kind = field.types[0].name
-    return f"{kind}:{field.types[1].name}" if kind == "ARRAY" else kind
-
-
 # --- reading ----------------------------------------------------------------------------------
 
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (2, 3)
-MIN_KV_BYTES = 8 + 4 + 1          # key length, value type, at least one byte of value
-MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's header, metadata and tensor infos (bounded and lazy, see gguf_reader)."""
+    return GGUFFile(path)
 
 
-def open_gguf(path: str | Path) -> Any:
-    """gguf-py's GGUFReader on a file, after checking the header ourselves (magic, version, and
-    counts the file is large enough to hold); any parse failure becomes a FormatError."""
-    from gguf import GGUFReader
-
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    if len(head) < 24:
-        raise FormatError(f"{path}: truncated GGUF file ({size} bytes, no header)")
-    magic, (version, n_tensors, n_kv) = head[:4], struct.unpack("<IQQ", head[4:])
-    if magic != GGUF_MAGIC:
-        raise FormatError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-    if version not in GGUF_VERSIONS:
-        raise FormatError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
-    if n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > size:
-        raise FormatError(f"{path}: header claims {n_kv} metadata keys and {n_tensors} tensors, "
-                          f"more than a {size}-byte file can hold (truncated or corrupt)")
-    try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error,
-            UnicodeDecodeError, MemoryError) as e:
-        raise FormatError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise FormatError(f"{path}: truncated: tensor {t.name} needs bytes {t.data_offset}.."
-                              f"{t.data_offset + t.n_bytes}, the file has {size}")
-    return reader
-
-
-def decode_fields(reader: Any) -> dict[str, Any]:
-    """Metadata as Python values (strings decoded, arrays as lists)."""
-    from gguf import GGUFValueType
-
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            value = field.contents()
-            if field.types == [GGUFValueType.FLOAT32]:   # the decimal it was written from: 0.4, not 0.4000000059604645
-                value = float(str(np.float32(value)))
-            out[key] = value
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise FormatError(f"{reader.data.filename}: metadata key {key} is corrupt ({e})") from None
-    return out
+def decode_fields(file: GGUFFile) -> Metadata:
+    """The metadata as a mapping key -> Python value (strings decoded, arrays as lists), each
+    key decoded on first access."""
+    return Metadata(file)
 
 
 def _architecture(fields: Mapping[str, Any], path: Path) -> str:
@@ -354,9 +303,10 @@ def _architecture(fields: Mapping[str, Any], path: Path) -> str:
 
 
 def _int_field(fields: Mapping[str, Any], key: str, path: Path, default: int | None = None) -> int:
+    """A positive integer metadata value (sizes and counts)."""
     value = fields.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FormatError(f"{path}: metadata key {key} is {value!r}, expected an integer")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise FormatError(f"{path}: metadata key {key} is {value!r}, expected a positive integer")
     return value
 
 
@@ -367,15 +317,32 @@ def _float_field(fields: Mapping[str, Any], key: str, path: Path, default: float
     return float(value)
 
 
-def _stored_tensor(t: Any, path: Path) -> GGUFTensor:
-    """A gguf-py ReaderTensor as a GGUFTensor in HF shape (its `ne` reversed)."""
-    qtype = t.tensor_type.name
-    if qtype not in READABLE_TYPES:
-        raise FormatError(f"{path}: tensor {t.name} has type {qtype}, which this reader does not "
+def _bool_list(fields: Mapping[str, Any], key: str, n: int, path: Path, default: list[bool] | None = None
+               ) -> list[bool]:
+    value = fields.get(key, default)
+    if not (isinstance(value, list) and len(value) == n and all(isinstance(v, bool) for v in value)):
+        raise FormatError(f"{path}: {key} must list {n} booleans")
+    return value
+
+
+def _int_list(fields: Mapping[str, Any], key: str, n: int, path: Path) -> list[int]:
+    """A per-layer list of positive integers (a single integer applies to every layer)."""
+    value = fields.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * n
+    if not (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise FormatError(f"{path}: {key} must list {n} positive integers")
+    return value
+
+
+def _stored_tensor(file: GGUFFile, t: TensorInfo) -> GGUFTensor:
+    """A tensor of the file as a GGUFTensor in HF shape (its `ne` reversed), data memory-mapped."""
+    if t.qtype not in READABLE_TYPES:
+        raise FormatError(f"{file.path}: tensor {t.name} has type {t.qtype}, which this reader does not "
                           f"support (supported: {', '.join(READABLE_TYPES)})")
-    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-    data = t.data.view(np.uint8).reshape(*shape[:-1], -1)             # [..., row_bytes]
-    return GGUFTensor(t.name, shape, qtype, int(t.tensor_type), data)
+    data = file.data(t).reshape(*t.shape[:-1], -1)                     # [..., row_bytes]
+    return GGUFTensor(t.name, t.shape, t.qtype, t.ggml_type, data)
 
 
 def read_gguf(path: str | Path) -> ModelSource:
@@ -386,42 +353,36 @@ def read_gguf(path: str | Path) -> ModelSource:
     from .gguf_tokenizer import tokenizer_from_metadata
 
     path = Path(path)
-    reader = open_gguf(path)
-    fields = decode_fields(reader)
+    file = open_gguf(path)
+    fields = decode_fields(file)
     arch = _architecture(fields, path)
-    stored = {t.name: t for t in reader.tensors}
-    cfg = config_from_metadata(fields, arch, stored, path)
+    stored = {t.name: t for t in file.tensors}
+    rope = stored.get(ROPE_FREQS)
+    cfg = config_from_metadata(fields, arch, stored, None if rope is None else _stored_tensor(file, rope), path)
     gen = generation_from_metadata(fields, cfg, path)
-    tensors = canonical_tensors(stored, cfg, path)
+    tensors = canonical_tensors(file, cfg)
     tokenizer = tokenizer_from_metadata(fields, str(path))
-    types = sorted({t.tensor_type.name for t in reader.tensors})
-    metadata = {"architecture": arch, "types": types, "file_type": fields.get("general.file_type"),
-                "eos_from_metadata": Keys.EOS_IDS in fields}
+    metadata = {"architecture": arch, "types": sorted({t.qtype for t in file.tensors}),
+                "file_type": fields.get("general.file_type"), "eos_from_metadata": Keys.EOS_IDS in fields,
+                "synthetic": fields.get(Keys.SYNTHETIC) is True}
     return ModelSource(cfg, gen, tensors, tokenizer, "gguf", path, metadata)
 
 
-def config_from_metadata(fields: Mapping[str, Any], arch: str, stored: Mapping[str, Any],
-                         path: Path) -> DiffusionGemmaConfig:
+def config_from_metadata(fields: Mapping[str, Any], arch: str, stored: Mapping[str, TensorInfo],
+                         rope_freqs: GGUFTensor | None, path: Path) -> DiffusionGemmaConfig:
     """DiffusionGemmaConfig from the §1.3 keys (per-layer geometry spelled out per layer)."""
     def key(k: str) -> str:
         return k.format(arch=arch)
     n_layers = _int_field(fields, key(Keys.BLOCK_COUNT), path)
-    pattern = fields.get(key(Keys.SLIDING_WINDOW_PATTERN))
-    heads_kv = fields.get(key(Keys.HEAD_COUNT_KV))
-    if not isinstance(pattern, list) or len(pattern) != n_layers:
-        raise FormatError(f"{path}: {key(Keys.SLIDING_WINDOW_PATTERN)} must list {n_layers} booleans")
-    if isinstance(heads_kv, int):
-        heads_kv = [heads_kv] * n_layers
-    if not isinstance(heads_kv, list) or len(heads_kv) != n_layers:
-        raise FormatError(f"{path}: {key(Keys.HEAD_COUNT_KV)} must list {n_layers} integers")
+    pattern = _bool_list(fields, key(Keys.SLIDING_WINDOW_PATTERN), n_layers, path)
+    heads_kv = _int_list(fields, key(Keys.HEAD_COUNT_KV), n_layers, path)
     d_full = _int_field(fields, key(Keys.KEY_LENGTH), path)
     d_swa = _int_field(fields, key(Keys.KEY_LENGTH_SWA), path, d_full)
     embed = stored.get("token_embd.weight")
-    vocab = fields.get(key(Keys.VOCAB_SIZE)) or (int(embed.shape[1]) if embed is not None else 0)
-    layer_types = [SLIDING if s else FULL for s in pattern]
+    vocab = _int_field(fields, key(Keys.VOCAB_SIZE), path, embed.ne[-1] if embed is not None else None)
     try:
         return DiffusionGemmaConfig(
-            vocab_size=int(vocab),
+            vocab_size=vocab,
             hidden_size=_int_field(fields, key(Keys.EMBEDDING_LENGTH), path),
             intermediate_size=_int_field(fields, key(Keys.FEED_FORWARD_LENGTH), path),
             moe_intermediate_size=_int_field(fields, key(Keys.EXPERT_FEED_FORWARD_LENGTH), path),
@@ -429,48 +390,58 @@ def config_from_metadata(fields: Mapping[str, Any], arch: str, stored: Mapping[s
             top_k_experts=_int_field(fields, key(Keys.EXPERT_USED_COUNT), path),
             num_hidden_layers=n_layers,
             num_attention_heads=_int_field(fields, key(Keys.HEAD_COUNT), path),
-            num_key_value_heads=int(heads_kv[0]),
+            num_key_value_heads=heads_kv[0],
             head_dim=d_swa,
             global_head_dim=d_full,
-            per_layer_config={i: {"head_dim": d_swa if s else d_full, "num_key_value_heads": int(h)}
+            per_layer_config={i: {"head_dim": d_swa if s else d_full, "num_key_value_heads": h}
                               for i, (s, h) in enumerate(zip(pattern, heads_kv))},
-            layer_types=layer_types,
+            layer_types=[SLIDING if s else FULL for s in pattern],
             sliding_window=_int_field(fields, key(Keys.SLIDING_WINDOW), path),
             rope_parameters={
                 SLIDING: {"rope_type": "default", "rope_theta": _float_field(
                     fields, key(Keys.ROPE_FREQ_BASE_SWA), path, 10_000.0)},
                 FULL: {"rope_type": "proportional", "rope_theta": _float_field(
                     fields, key(Keys.ROPE_FREQ_BASE), path, 1_000_000.0),
-                    "partial_rotary_factor": _rope_fraction(stored.get(ROPE_FREQS), d_full, path)},
+                    "partial_rotary_factor": _rope_fraction(rope_freqs, d_full, path)},
             },
             rms_norm_eps=_float_field(fields, key(Keys.RMS_EPS), path, 1e-6),
             max_position_embeddings=_int_field(fields, key(Keys.CONTEXT_LENGTH), path, 262_144),
             final_logit_softcapping=_float_field(fields, key(Keys.FINAL_LOGIT_SOFTCAPPING), path, 30.0),
             canvas_length=_int_field(fields, Keys.CANVAS_LENGTH, path, 256),
-            bos_token_id=_int_field(fields, "tokenizer.ggml.bos_token_id", path, 2),
-            pad_token_id=_int_field(fields, "tokenizer.ggml.padding_token_id", path, 0),
-            eos_token_id=_eos_ids(fields, int(vocab)),
+            bos_token_id=_token_id(fields, "tokenizer.ggml.bos_token_id", vocab, path, 2),
+            pad_token_id=_token_id(fields, "tokenizer.ggml.padding_token_id", vocab, path, 0),
+            eos_token_id=_eos_ids(fields, vocab, path),
         )
     except ConfigError as e:
         raise FormatError(f"{path}: inconsistent metadata: {e}") from None
 
 
-def _eos_ids(fields: Mapping[str, Any], vocab: int) -> list[int]:
+def _token_id(fields: Mapping[str, Any], key: str, vocab: int, path: Path, default: int) -> int:
+    value = fields.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+        raise FormatError(f"{path}: metadata key {key} is {value!r}, expected a token id below {vocab}")
+    return value
+
+
+def _eos_ids(fields: Mapping[str, Any], vocab: int, path: Path) -> list[int]:
     """tokenizer.ggml.eos_token_ids when written; otherwise DiffusionGemma's {1, 106, 50} (spec
     §1.5: the Unsloth files carry only one eos id and unreliable token types)."""
     ids = fields.get(Keys.EOS_IDS)
-    if isinstance(ids, list) and ids:
-        return [int(i) for i in ids]
-    return [i for i in (1, 106, 50) if i < vocab]
+    if ids is None or ids == []:
+        return [i for i in (1, 106, 50) if i < vocab]
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
+                                          for i in ids)):
+        raise FormatError(f"{path}: metadata key {Keys.EOS_IDS} must list token ids below {vocab}")
+    return ids
 
 
-def _rope_fraction(freqs: Any, d_full: int, path: Path) -> float:
+def _rope_fraction(freqs: GGUFTensor | None, d_full: int, path: Path) -> float:
     """The rotated fraction of full-layer heads from rope_freqs (1.0 = rotate, >= 1e29 = not)."""
     if freqs is None:
         return DEFAULT_ROPE[FULL]["partial_rotary_factor"]
-    values = np.asarray(freqs.data, np.float32).reshape(-1) if freqs.tensor_type.name == "F32" else None
-    if values is None or values.shape != (d_full // 2,):
+    if freqs.qtype != "F32" or freqs.shape != (d_full // 2,):
         raise FormatError(f"{path}: tensor {ROPE_FREQS} must be F32 [{d_full // 2}]")
+    values = freqs.data.view(np.float32).reshape(-1)
     rotated = values == 1.0
     n_rot = int(rotated.sum())
     if not (rotated[:n_rot].all() and (values[n_rot:] >= 1e29).all()):
@@ -490,22 +461,23 @@ def generation_from_metadata(fields: Mapping[str, Any], cfg: DiffusionGemmaConfi
         raise FormatError(f"{path}: invalid diffusion.* sampler metadata: {e}") from None
 
 
-def canonical_tensors(stored: Mapping[str, Any], cfg: DiffusionGemmaConfig, path: Path) -> dict[str, Any]:
+def canonical_tensors(file: GGUFFile, cfg: DiffusionGemmaConfig) -> dict[str, Any]:
     """Canonical HF name -> array or GGUFTensor, each checked against the config's shapes."""
     from portable_dg.checkpoint import expected_tensors
 
+    stored = {t.name: t for t in file.tensors}
     out = {}
     for name, shape in expected_tensors(cfg).items():
-        tensor = _find_tensor(name, stored, path)
+        tensor = _find_tensor(name, file, stored)
         if tuple(tensor.shape) != shape:
-            raise FormatError(f"{path}: tensor {tensor.name} has HF shape {list(tensor.shape)}, "
+            raise FormatError(f"{file.path}: tensor {tensor.name} has HF shape {list(tensor.shape)}, "
                               f"expected {list(shape)} (for {name})")
         out[name] = tensor.data.view(np.float32 if tensor.qtype == "F32" else np.float16).reshape(shape) \
             if tensor.qtype in ("F32", "F16") else tensor
     return out
 
 
-def _find_tensor(name: str, stored: Mapping[str, Any], path: Path) -> GGUFTensor:
+def _find_tensor(name: str, file: GGUFFile, stored: Mapping[str, TensorInfo]) -> GGUFTensor:
     """The stored tensor of a canonical name, with PR #24427's names and split experts accepted."""
     gname = gguf_name(name)
     candidates = [gname]
@@ -515,19 +487,22 @@ def _find_tensor(name: str, stored: Mapping[str, Any], path: Path) -> GGUFTensor
         candidates.append(gname.replace(ENC_SCALAR_GGUF, LAYER_TENSORS["layer_scalar"]))
     for candidate in candidates:
         if candidate in stored:
-            return _stored_tensor(stored[candidate], path)
+            return _stored_tensor(file, stored[candidate])
     if gname.endswith("ffn_gate_up_exps.weight"):
         block = gname.rsplit(".", 2)[0]
         parts = [stored.get(f"{block}.{p}") for p in SPLIT_EXPERTS]
         if all(p is not None for p in parts):
-            return _fuse_experts([_stored_tensor(p, path) for p in parts], gname)
-    raise FormatError(f"{path}: missing tensor {gname} (for {name})")
+            return _fuse_experts([_stored_tensor(file, p) for p in parts], gname, file.path)
+    raise FormatError(f"{file.path}: missing tensor {gname} (for {name})")
 
 
-def _fuse_experts(parts: list[GGUFTensor], name: str) -> GGUFTensor:
+def _fuse_experts(parts: list[GGUFTensor], name: str, path: Path) -> GGUFTensor:
     """ffn_gate_exps + ffn_up_exps [E, I, H] each -> the fused [E, 2I, H] (gate rows first)."""
     gate, up = parts
-    if gate.qtype == up.qtype and gate.shape == up.shape:
+    if gate.shape != up.shape or len(gate.shape) != 3:
+        raise FormatError(f"{path}: {gate.name} {list(gate.shape)} and {up.name} {list(up.shape)} "
+                          "must have the same shape [E, I, H]")
+    if gate.qtype == up.qtype:
         data = np.concatenate([gate.data, up.data], axis=1)             # [E, 2I, row_bytes]
         return GGUFTensor(name, (gate.shape[0], 2 * gate.shape[1], gate.shape[2]), gate.qtype,
                           gate.ggml_type, data)
@@ -538,14 +513,20 @@ def _fuse_experts(parts: list[GGUFTensor], name: str) -> GGUFTensor:
 def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
     """An importance matrix written by `pdg imatrix` (.npz: GGUF tensor name -> mean x^2 per input
     column, [in] or [E, in] for expert tensors)."""
+    import zipfile
+
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an .npz archive")
             out = {k: np.asarray(z[k], np.float32) for k in z.files}
     except FileNotFoundError:
         raise ConfigError(f"{path}: imatrix file not found") from None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise FormatError(f"{path}: not an imatrix .npz file ({e})") from None
+    if not any(not k.endswith(".count") for k in out):
+        raise FormatError(f"{path}: the importance matrix is empty (no tensor entries)")
     bad = [k for k, v in out.items() if not np.isfinite(v).all() or (v < 0).any()]
     if bad:
         raise FormatError(f"{path}: imatrix entry {bad[0]} has negative or non-finite values")
@@ -555,35 +536,31 @@ def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
 # --- inspection -------------------------------------------------------------------------------
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:
-    """What `pdg info` prints for a GGUF file.
+    """What `pdg info` prints for a GGUF file, read from its header alone (no tensor data, no
+    tokenizer arrays decoded).
 
     Returns: {"path", "file_size" (bytes), "architecture", "file_type" (llama_ftype int or None),
     "n_tensors", "n_parameters", "tensor_bytes", "bits_per_weight" (over all tensors),
     "types": {qtype: {"tensors", "parameters", "bytes"}} (largest first),
     "metadata": {key: value} with arrays longer than 16 items summarised as "[TYPE x N]"}."""
     path = Path(path)
-    reader = open_gguf(path)
+    file = open_gguf(path)
     types: dict[str, dict[str, int]] = {}
-    for t in reader.tensors:
-        entry = types.setdefault(t.tensor_type.name, {"tensors": 0, "parameters": 0, "bytes": 0})
+    for t in file.tensors:
+        entry = types.setdefault(t.qtype, {"tensors": 0, "parameters": 0, "bytes": 0})
         entry["tensors"] += 1
-        entry["parameters"] += int(t.n_elements)
-        entry["bytes"] += int(t.n_bytes)
+        entry["parameters"] += t.n_elements
+        entry["bytes"] += t.nbytes
     n_params = sum(e["parameters"] for e in types.values())
     n_bytes = sum(e["bytes"] for e in types.values())
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if field.types[0].name == "ARRAY" and len(field.data) > 16:
-            metadata[key] = f"[{field.types[-1].name} x {len(field.data)}]"
-        else:
-            metadata[key] = field.contents()
+    metadata = {key: f"[{field.type_name.split(':')[1]} x {field.count}]"
+                if field.type_name.startswith("ARRAY") and field.count > 16 else file.value(key)
+                for key, field in file.fields.items()}
     return {
-        "path": str(path), "file_size": path.stat().st_size,
+        "path": str(path), "file_size": file.size,
         "architecture": metadata.get("general.architecture"),
         "file_type": metadata.get("general.file_type"),
-        "n_tensors": len(reader.tensors), "n_parameters": n_params, "tensor_bytes": n_bytes,
+        "n_tensors": len(file.tensors), "n_parameters": n_params, "tensor_bytes": n_bytes,
         "bits_per_weight": 8 * n_bytes / n_params if n_params else 0.0,
         "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])),
         "metadata": metadata,

@@ -75,49 +75,55 @@ class RecordingBackend(NumpyBackend):
         return out
 
 
-def compute_imatrix(model_path: str | Path, out: str | Path, prompts: Sequence[str] = (), *,
+def compute_imatrix(model_path: str | Path, out: str | Path, prompts: Sequence[str] | None = None, *,
                     n_random: int = 8, prompt_length: int = 32, steps: int | None = None,
-                    seed: int = 0, progress: bool = True) -> Path:
+                    seed: int = 0, force: bool = False, progress: bool = True) -> Path:
     """Gather an importance matrix by running the numpy model and save it as .npz.
 
     Args:
         model_path: an HF checkpoint (or any format `portable_dg.load` reads).
-        out: the .npz file to write.
-        prompts: calibration texts (need the checkpoint's tokenizer); without any, `n_random`
-            prompts of `prompt_length` random token ids are used.
+        out: the .npz file to write (an existing file only with `force`).
+        prompts: calibration texts (need the checkpoint's tokenizer; blank ones are skipped, and
+            at least one must remain); None: `n_random` prompts of `prompt_length` random token ids.
         steps: denoising steps per canvas (default: the checkpoint's).
+        progress: report progress on stderr, one tick per denoising step.
     Returns: the output path."""
-    import os
-    import tempfile
-
-    from tqdm import tqdm
-
     import portable_dg
+    from portable_dg.outputs import check_new_file, output_file
+    from portable_dg.progress import Progress
     from portable_dg.sampler import generate
 
+    check_new_file(out, force=force)
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {steps}")
     backend = RecordingBackend()
     model = portable_dg.load(model_path, backend=backend)
     calibration = _calibration_ids(model, prompts, n_random, prompt_length, seed)
-    for i, ids in enumerate(tqdm(calibration, desc="imatrix", unit="prompt", disable=not progress)):
-        generate(model, ids, max_new_tokens=model.canvas_length, max_denoising_steps=steps, seed=seed + i)
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npz", dir=out.parent or ".")
-    os.close(fd)
-    try:
-        np.savez(tmp, **backend.importance())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    per_canvas = steps or model.generation_config.max_denoising_steps
+    with Progress(len(calibration) * per_canvas, "imatrix", "step", enabled=progress) as bar:
+        for i, ids in enumerate(calibration):
+            done = generate(model, ids, max_new_tokens=model.canvas_length, max_denoising_steps=steps,
+                            seed=seed + i, on_step=lambda info: bar.update(1))
+            bar.update(per_canvas - done.steps[0])                # a canvas that stopped early
+    with output_file(out, force=force, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **backend.importance())
+    return Path(out)
 
 
-def _calibration_ids(model: Any, prompts: Sequence[str], n_random: int, length: int,
+def _calibration_ids(model: Any, prompts: Sequence[str] | None, n_random: int, length: int,
                      seed: int) -> list[np.ndarray]:
-    if prompts:
+    """Token ids of the calibration prompts (blank lines skipped), or n_random random prompts."""
+    if prompts is not None:
+        texts = [p for p in prompts if p.strip()]
+        if not texts:
+            raise ConfigError("the calibration prompts are all blank; give some text, or omit --prompts "
+                              "to calibrate on random token ids")
         if model.tokenizer is None:
             raise ConfigError("calibration prompts need a tokenizer; this checkpoint has none "
                               "(omit --prompts to calibrate on random token ids)")
-        return [np.asarray(model.tokenizer.encode(p, add_special_tokens=True)) for p in prompts if p.strip()]
+        return [np.asarray(model.tokenizer.encode(p, add_special_tokens=True)) for p in texts]
+    if n_random <= 0 or length <= 0:
+        raise ConfigError(f"--n-random must be positive (got {n_random}): an importance matrix needs "
+                          "at least one calibration prompt")
     rng = np.random.default_rng(seed)
     return [rng.integers(0, model.config.vocab_size, size=length) for _ in range(n_random)]

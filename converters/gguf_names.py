@@ -114,6 +114,7 @@ class Keys:
     EB_CONFIDENCE_THRESHOLD = "diffusion.eb_confidence_threshold"
     MAX_NEW_TOKENS = "diffusion.max_new_tokens"                # portable_dg's; llama.cpp ignores it
     EOS_IDS = "tokenizer.ggml.eos_token_ids"                   # every id that ends generation
+    SYNTHETIC = "portable_dg.synthetic"                        # bool: random weights (`pdg synth`)
 
 
 # diffusion.eb_* key -> GenerationConfig field (defaults of llama-diffusion-cli = transformers')

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import re
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -97,12 +97,13 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int,
 
 
 def quantize_rows(rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...], qtype: str,
-                  imatrix: np.ndarray | None = None) -> np.ndarray:
+                  imatrix: np.ndarray | None = None, on_rows: Callable[[int], Any] | None = None) -> np.ndarray:
     """Quantize a tensor given as a row reader into its stored bytes.
 
     rows(a, b) returns rows a..b-1 of the tensor viewed as [n_rows, shape[-1]] (any float dtype);
     imatrix: importance per input column, [shape[-1]], or [E, shape[-1]] for a 3-D expert tensor
-    (one row per expert).  Returns uint8 (*shape[:-1], row_bytes(qtype, shape[-1]))."""
+    (one row per expert); on_rows(n) is told the bytes produced after every chunk of rows.
+    Returns uint8 (*shape[:-1], row_bytes(qtype, shape[-1]))."""
     n = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64))
     out = np.empty((n_rows, row_bytes(qtype, n)), np.uint8)          # [n_rows, row_bytes]
@@ -115,6 +116,8 @@ def quantize_rows(rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...]
         for a in range(start, start + rows_per_expert, step):
             b = min(a + step, start + rows_per_expert)
             out[a:b] = _quantize_block_rows(np.asarray(rows(a, b), np.float32), qtype, importance)
+            if on_rows is not None:
+                on_rows(out[a:b].nbytes)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 

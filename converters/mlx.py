@@ -29,17 +29,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, check_tensors, expected_tensors,
+from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, bf16_to_f32, check_tensors, expected_tensors,
                                     open_checkpoint, resolve_model_path, sanitize)
-from portable_dg.config import read_json
+from portable_dg.config import FULL, DiffusionGemmaConfig, read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
+from portable_dg.outputs import check_new_directory, output_directory
+from portable_dg.progress import Progress
 from portable_dg.safetensors_writer import Entry, f32_to_bf16_bits, split_shards, write_index, write_safetensors
 
 # --quant -> (mode, bits, default group size), None = not quantized
@@ -56,6 +57,7 @@ MAX_SHARD_BYTES = 5 << 30          # mlx-lm's shard limit
 COPIED_FILES = ("*.json", "*.jinja", "*.txt", "tokenizer.model")
 ENCODER_TEXT = re.compile(r"^model\.encoder\.language_model\.(.*)$")
 NON_TEXT = re.compile(r"^model\.encoder\.(vision_tower|embed_vision|audio_tower|embed_audio)\.")
+CHUNK_VALUES = 1 << 24          # values converted and quantized at a time (64 MiB as float32)
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
@@ -329,31 +331,40 @@ def quantization_config(plan: list[Planned], quant: str, group_size: int | None)
     return block
 
 
-def source_values(ref: TensorRef, dtype: str) -> np.ndarray:
-    """A source tensor in the stored float dtype `dtype` (bf16 as uint16 bit patterns)."""
-    if dtype == ref.dtype:
-        return np.asarray(ref.raw())
-    values = np.asarray(ref.load(), np.float32)
-    return f32_to_bf16_bits(values) if dtype == "BF16" else values.astype({"F32": np.float32, "F16": np.float16,
-                                                                        "F64": np.float64}[dtype])
+def row_chunks(ref: TensorRef, dtype: str) -> Iterator[np.ndarray]:
+    """A source tensor as [rows, in] chunks of about CHUNK_VALUES values, in the stored float
+    dtype `dtype` (bf16 as uint16 bit patterns); rows are read from the memory map as needed."""
+    raw = ref.raw()
+    flat = raw.reshape(-1, raw.shape[-1]) if raw.ndim else raw.reshape(1, 1)      # [rows, in]
+    step = max(1, CHUNK_VALUES // max(flat.shape[1], 1))
+    for a in range(0, flat.shape[0], step):
+        chunk = flat[a:a + step]
+        if dtype == ref.dtype:
+            yield np.asarray(chunk)
+            continue
+        values = bf16_to_f32(chunk) if ref.dtype == "BF16" else np.asarray(chunk, np.float32)
+        yield f32_to_bf16_bits(values) if dtype == "BF16" else values.astype(
+            {"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype])
 
 
-def encode(p: Planned) -> list[np.ndarray]:
-    """The stored arrays of one planned tensor, in `p.parts()` order."""
-    values = source_values(p.ref, p.float_dtype)
+def encode(p: Planned) -> Iterator[np.ndarray]:
+    """The stored bytes of one planned tensor, in `p.parts()` order, a chunk of rows at a time:
+    a quantized module's codes chunk by chunk, then its scales, then its biases."""
     if p.quant is None:
-        return [values]
+        yield from row_chunks(p.ref, p.float_dtype)
+        return
     import mlx.core as mx
 
-    if p.float_dtype == "BF16":
-        w = mx.array(values).view(mx.bfloat16)
-    else:
-        w = mx.array(values)
-    packed = mx.quantize(w, group_size=p.quant["group_size"], bits=p.quant["bits"], mode=p.quant["mode"])
-    out = [np.array(packed[0])]
-    for part in packed[1:]:
-        out.append(np.array(part.view(mx.uint16)) if part.dtype == mx.bfloat16 else np.array(part))
-    return out
+    small: list[list[np.ndarray]] = [[], []]                 # scales, biases: an eighth of the codes or less
+    for chunk in row_chunks(p.ref, p.float_dtype):
+        w = mx.array(chunk).view(mx.bfloat16) if p.float_dtype == "BF16" else mx.array(chunk)
+        packed = mx.quantize(w, group_size=p.quant["group_size"], bits=p.quant["bits"], mode=p.quant["mode"])
+        yield np.array(packed[0])
+        for kept, part in zip(small, packed[1:]):
+            kept.append(np.array(part.view(mx.uint16)) if part.dtype == mx.bfloat16 else np.array(part))
+    for kept in small:
+        if kept:
+            yield np.concatenate(kept)
 
 
 def stored_entries(group: list[Planned]) -> list[Entry]:
@@ -361,27 +372,41 @@ def stored_entries(group: list[Planned]) -> list[Entry]:
     return [e for p in group for e in p.parts()]
 
 
-def write_shard(path: Path, plan: list[Planned], metadata: dict[str, str], progress) -> None:
+def write_shard(path: Path, plan: list[Planned], metadata: dict[str, str], progress: Progress) -> None:
     """Write one safetensors file, encoding one planned tensor at a time."""
-    def chunks():
+    def chunks() -> Iterator[np.ndarray]:
         for p in plan:
-            for entry, array in zip(p.parts(), encode(p)):
-                if tuple(array.shape) != entry.shape or array.dtype.itemsize * array.size != entry.nbytes:
-                    raise FormatError(f"internal: {entry.name} encoded as {array.dtype} {list(array.shape)}, "
-                                      f"planned {entry.dtype} {list(entry.shape)}")
-                yield array
-            progress.update(1)
+            for chunk in encode(p):
+                yield chunk
+                progress.update(chunk.nbytes)
     write_safetensors(path, stored_entries(plan), chunks(), metadata)
 
 
-def output_config(src_config: dict[str, Any], qblock: dict[str, Any] | None, quant: str, src: Path) -> dict[str, Any]:
-    """The source config.json plus the quantization blocks and a record of the conversion."""
-    config = {k: v for k, v in src_config.items() if k != "_name_or_path"}
+def output_config(src_config: dict[str, Any], config: DiffusionGemmaConfig, qblock: dict[str, Any] | None,
+                  quant: str, src: Path, has_vision: bool) -> dict[str, Any]:
+    """The source config.json as mlx-vlm reads it, plus the quantization blocks and a record of the
+    conversion.
+
+    mlx-vlm's TextConfig knows only the released form of the full-attention geometry
+    (`global_head_dim`, `num_global_key_value_heads`); a config saved by transformers 5.23 has
+    `per_layer_config` alone, so the released keys are written beside it.  `vision_config` stays
+    only when the vision tower's weights are in the output; otherwise it is null (mlx-vlm builds a
+    default tower when the key is absent, and its strict loader then refuses the missing weights)."""
+    out = {k: v for k, v in src_config.items() if k != "_name_or_path"}
+    nested = isinstance(out.get("text_config"), dict)
+    text = dict(out["text_config"]) if nested else out
+    full = next((g for g in config.layers if g.kind == FULL), None)
+    if full is not None:
+        text["global_head_dim"], text["num_global_key_value_heads"] = full.head_dim, full.num_kv_heads
+    if nested:
+        out["text_config"] = text
+    if not has_vision:
+        out["vision_config"] = None
     if qblock is not None:
-        config["quantization"] = qblock
-        config["quantization_config"] = dict(qblock)
-    config["portable_dg_conversion"] = {"format": "mlx", "quant": quant, "source": src.name}
-    return config
+        out["quantization"] = qblock
+        out["quantization_config"] = dict(qblock)
+    out["portable_dg_conversion"] = {"format": "mlx", "quant": quant, "source": src.name}
+    return out
 
 
 def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = "q4",
@@ -391,8 +416,8 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
 
     Args:
         src: the Hugging Face checkpoint directory (or hub repo id).
-        dst: the directory to create; it must not exist.  Written into a temporary directory next
-            to it and renamed at the end, so a failure leaves nothing behind.
+        dst: the directory to create; it must not exist (or be empty).  Written into a temporary
+            directory next to it and renamed at the end, so a failure leaves nothing behind.
         quant: "none" (keep dtypes), "bf16", "f16", "q4", "q6", "q8" (affine) or "mxfp4"
             (any case).
         group_size: group size of the default quantization (affine 32/64/128, default 64;
@@ -401,14 +426,12 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
             (quantized as the mlx-community files are).
         imatrix: not used by MLX quantization (accepted for `pdg convert`'s common call;
             giving one is an error).
-        progress: show a progress bar over tensors.
+        progress: report progress on stderr (bytes written).
         max_shard_bytes: the largest safetensors shard (mlx-lm's 5 GiB by default).
     Returns:
         dst as a Path.
     """
-    from tqdm import tqdm
-
-    from portable_dg.source import read_hf
+    from portable_dg.source import read_hf, resolved_generation_config
 
     quant = quant.lower()
     if imatrix is not None:
@@ -416,9 +439,11 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
     check_options(quant, group_size)
     if mix not in MIXES:
         raise ConfigError(f"unknown MLX quantization mix {mix!r}; expected one of {', '.join(MIXES)}")
-    src, dst = resolve_model_path(src), Path(dst)
-    check_paths(src, dst)
-    read_hf(src)                                           # validates config, tensors, tokenizer
+    src = resolve_model_path(src)
+    if not (src.is_dir() and (src / "config.json").exists()):
+        raise ConfigError(f"{src}: the source must be a Hugging Face checkpoint directory")
+    dst = check_new_directory(dst, sources=[src])
+    config = read_hf(src).config                           # validates config, tensors, tokenizer
     src_config = read_json(src / "config.json")
     if "quantization" in src_config:
         raise FormatError(f"{src}: already an MLX quantized directory; convert from the Hugging Face checkpoint")
@@ -428,24 +453,26 @@ def convert_to_mlx(src: str | os.PathLike, dst: str | os.PathLike, quant: str = 
     shards = split_shards(plan, lambda p: sum(e.nbytes for e in p.parts()), max_shard_bytes)
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        with tqdm(total=len(plan), desc=f"convert to mlx ({quant})", unit="tensor", disable=not progress) as bar:
-            for f, group in zip(files, shards):
-                write_shard(tmp / f, group, {"format": "mlx"}, bar)
+    total = sum(e.nbytes for p in plan for e in p.parts())
+    with output_directory(dst, sources=[src]) as tmp, \
+            Progress(total, f"convert {dst.name} (mlx {quant})", enabled=progress) as bar:
+        for f, group in zip(files, shards):
+            write_shard(tmp / f, group, {"format": "mlx"}, bar)
         write_index(tmp, [(f, stored_entries(g)) for f, g in zip(files, shards)],
                     total_parameters=sum(int(np.prod(p.ref.shape)) for p in plan))
         for pattern in COPIED_FILES:
             for path in src.glob(pattern):
                 if path.name not in ("config.json", "model.safetensors.index.json"):
                     shutil.copy2(path, tmp / path.name)
+        write_json(tmp / "generation_config.json", resolved_generation_config(src))
+        has_vision = any(NON_TEXT.match(p.name) for p in plan)
         qblock = quantization_config(plan, quant, group_size)
-        (tmp / "config.json").write_text(json.dumps(output_config(src_config, qblock, quant, src), indent=2))
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "config.json", output_config(src_config, config, qblock, quant, src, has_vision))
     return dst
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def check_options(quant: str, group_size: int | None) -> None:
@@ -459,18 +486,6 @@ def check_options(quant: str, group_size: int | None) -> None:
         if group_size not in GROUP_SIZES[scheme[0]]:
             raise ConfigError(f"--group-size {group_size} is not valid for {quant}; expected one of "
                               f"{', '.join(map(str, GROUP_SIZES[scheme[0]]))}")
-
-
-def check_paths(src: Path, dst: Path) -> None:
-    """Raise ConfigError unless src is a checkpoint directory and dst a new path beside it."""
-    if not (src.is_dir() and (src / "config.json").exists()):
-        raise ConfigError(f"{src}: the source must be a Hugging Face checkpoint directory")
-    if dst.resolve() == src.resolve():
-        raise ConfigError(f"{dst}: the destination is the source directory; choose a new directory")
-    if dst.exists():
-        raise ConfigError(f"{dst}: already exists; remove it or choose a new directory")
-    if not dst.parent.is_dir():
-        raise ConfigError(f"{dst.parent}: the destination's parent directory does not exist")
 
 
 def require_mlx() -> None:

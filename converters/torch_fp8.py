@@ -1,17 +1,18 @@
-"""FP8 e4m3 checkpoints for the PyTorch backend: the converter and the reader.
+"""FP8 e4m3 checkpoints for the PyTorch backend (and vLLM): the converter and the reader.
 
-Layout (spec/file_formats.md §3.2, compressed-tensors "float-quantized", FP8-dynamic recipe): every
-quantized module X stores `X.weight` float8_e4m3fn [out, in] and `X.weight_scale` float32 [out, 1],
-W = code * scale row by row; activations are quantized per token at run time (nothing stored).
-Quantized: the attention projections, the dense MLP and the experts of every layer.  Kept bf16: the
-embedding (also the tied head), router, norms, scalars and the self-conditioning MLP.
+Layout (spec/file_formats.md §3.2): `RedHatAI/diffusiongemma-26B-A4B-it-FP8-dynamic`'s compressed-tensors
+"float-quantized" FP8-dynamic scheme.  Every quantized Linear X stores `X.weight` float8_e4m3fn
+[out, in] and `X.weight_scale` float32 [out, 1], W = code * scale row by row; activations are
+quantized per token at run time (nothing stored).  Quantized: the attention projections, the dense
+MLP and the experts of every layer, the experts unfused into per-expert Linears
+`layers.{i}.experts.{e}.{gate,up,down}_proj` as vLLM's loader and transformers expect.  Kept bf16
+(`IGNORE`): the embedding (also the tied head), router, norms, scalars, the self-conditioning MLP
+and the vision tower.
 
-Our converter keeps the experts fused and stacked, as the grouped GEMM reads them:
-`layers.{i}.experts.gate_up_proj.weight` [E, 2I, H] e4m3 + `.weight_scale` [E, 2I, 1], and
-`experts.down_proj.weight` [E, H, I] + [E, H, 1] (60 quantized expert tensors instead of 11,520, no
-re-stacking at load).  The reader also accepts the published RedHatAI FP8-dynamic files, which unfuse
-the experts into `experts.{e}.{gate,up,down}_proj`; it re-stacks them (gate rows first) into the
-canonical fused names without copying until a backend loads them.
+The reader takes these files and re-stacks the per-expert tensors (gate rows first) into the
+canonical fused names without copying until a backend loads them; files whose experts are already
+stored fused (`experts.gate_up_proj.weight` [E, 2I, H] + `.weight_scale` [E, 2I, 1], as earlier
+versions of this converter wrote) read as they are.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, check_tensors, open_checkpoint,
+from portable_dg.checkpoint import (FLOAT_DTYPES, TensorRef, bf16_to_f32, check_tensors, open_checkpoint,
                                     sanitize)
 from portable_dg.config import DiffusionGemmaConfig, read_json
 from portable_dg.errors import CheckpointError, ConfigError, FormatError
+from portable_dg.outputs import check_new_directory, output_directory
+from portable_dg.progress import Progress
 from portable_dg.safetensors_writer import (MAX_SHARD_BYTES, Entry, f32_to_bf16_bits, split_shards,
                                             write_index, write_safetensors)
 
@@ -40,6 +43,7 @@ QTYPE = "fp8_e4m3"
 # Canonical names whose weights are quantized; everything else stays bf16.
 QUANTIZED = re.compile(r"\.layers\.\d+\.(self_attn\.[qkvo]_proj\.weight|mlp\.(gate|up|down)_proj\.weight"
                        r"|experts\.(gate_up|down)_proj)$")
+VISION = re.compile(r"^model\.encoder\.(vision_tower|embed_vision)\.")
 PER_EXPERT = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.experts\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj$")
 
 
@@ -170,12 +174,13 @@ def read_compressed_tensors(path: Path):
 
 @dataclass
 class Planned:
-    """One output tensor: stored name, safetensors dtype, shape, and how to compute its bytes."""
+    """One output tensor: stored name, safetensors dtype, shape, and where its values come from."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    source: str            # canonical source name
+    source: TensorRef
+    rows: slice            # rows of the source viewed as [rows, in] (an expert's gate, up or down)
     part: str              # "codes", "scale" or "bf16"
 
     @property
@@ -183,16 +188,36 @@ class Planned:
         return Entry(self.name, self.dtype, tuple(self.shape))
 
 
-def plan_tensors(shapes: Mapping[str, tuple[int, ...]]) -> list[Planned]:
-    """The output tensors for canonical names with these shapes, sorted by stored name."""
+def output_names(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], slice]]:
+    """(stored name without `.weight`, shape, source rows) of each Linear a canonical weight
+    becomes: itself, or per expert `experts.{e}.gate_proj` / `up_proj` / `down_proj` (RedHatAI's
+    and vLLM's layout; the fused gate_up_proj holds expert e's gate rows, then its up rows)."""
+    if name.endswith(".experts.gate_up_proj"):
+        E, two_i, H = shape
+        i = two_i // 2
+        base = name.removesuffix("gate_up_proj")
+        return [(f"{base}{e}.{proj}_proj", (i, H), slice(e * two_i + k * i, e * two_i + (k + 1) * i))
+                for e in range(E) for k, proj in enumerate(("gate", "up"))]
+    if name.endswith(".experts.down_proj"):
+        E, H, i = shape
+        base = name.removesuffix("down_proj")
+        return [(f"{base}{e}.down_proj", (H, i), slice(e * H, (e + 1) * H)) for e in range(E)]
+    return [(name.removesuffix(".weight"), shape, slice(None))]
+
+
+def plan_tensors(refs: Mapping[str, TensorRef]) -> list[Planned]:
+    """The output tensors for stored tensors `refs` (canonical text tensors and the vision tower),
+    sorted by stored name: FP8 codes and a float32 scale per output row for every `QUANTIZED`
+    weight, bf16 for everything else."""
     plan = []
-    for name, shape in shapes.items():
-        if QUANTIZED.search(name):
-            module = name.removesuffix(".weight")
-            plan.append(Planned(module + ".weight", "F8_E4M3", shape, name, "codes"))
-            plan.append(Planned(module + ".weight_scale", "F32", (*shape[:-1], 1), name, "scale"))
-        else:
-            plan.append(Planned(name, "BF16", shape, name, "bf16"))
+    for name, ref in refs.items():
+        shape = tuple(ref.shape)
+        if not QUANTIZED.search(name):
+            plan.append(Planned(name, "BF16", shape, ref, slice(None), "bf16"))
+            continue
+        for module, out_shape, rows in output_names(name, shape):
+            plan.append(Planned(module + ".weight", "F8_E4M3", out_shape, ref, rows, "codes"))
+            plan.append(Planned(module + ".weight_scale", "F32", (*out_shape[:-1], 1), ref, rows, "scale"))
     return sorted(plan, key=lambda p: p.name)
 
 
@@ -214,108 +239,119 @@ def source_revision(src: Path) -> str | None:
     return src.name if src.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", src.name) else None
 
 
-def quantization_config(src: Path) -> dict[str, Any]:
-    """The config.json block recording the recipe (compressed-tensors schema + our own notes)."""
-    weights = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
-               "dynamic": False, "observer": "minmax", "group_size": None}
-    activations = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
-                   "dynamic": True, "group_size": None}
+# Linears kept in bf16, as compressed-tensors `ignore` patterns (matched with re.match against
+# module names, ours and vLLM's alike): the tied head, the router (vLLM runs it in bf16 with a
+# float32 output), the self-conditioning MLP, the vision tower and its projection.
+IGNORE = ["lm_head", "re:.*router\\.proj$", "re:.*self_conditioning\\..*", "re:.*vision_tower.*",
+          "re:.*embed_vision.*"]
+
+
+def quantization_config() -> dict[str, Any]:
+    """config.json's quantization_config: the compressed-tensors FP8-dynamic scheme as llm-compressor
+    writes it and vLLM's CompressedTensorsConfig reads it (one group targeting every Linear, which
+    vLLM extends to the MoE experts; per-channel static e4m3 weights; per-token dynamic activations)."""
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
+               "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax",
+               "observer_kwargs": {}}
+    activations = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+                   "block_structure": None, "dynamic": True, "actorder": None, "observer": None,
+                   "observer_kwargs": {}}
     return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear", "re:.*experts\\.(gate_up|down)_proj$"],
-                                      "weights": weights, "input_activations": activations}},
-        "ignore": ["lm_head", "re:.*embed_tokens", "re:.*router.*", "re:.*self_conditioning.*",
-                   "re:.*vision.*"],
-        "portable_dg": {
-            "recipe": "fp8-e4m3 weights, per-output-channel float32 scale = amax/448, round to "
-                      "nearest even, saturating; activations quantized per token at run time; "
-                      "embedding, router, norms, scalars and self-conditioning kept bf16",
-            "experts": "fused stacked [E, out, in], gate rows before up rows",
-            "source": str(src),
-            "source_revision": source_revision(src),
-        },
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations,
+                                      "output_activations": None, "format": "float-quantized"}},
+        "ignore": list(IGNORE),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
     }
 
 
-def check_paths(src: Path, dst: Path) -> None:
-    """SRC must be an unquantized HF directory; DST must not exist and must not be SRC."""
+def conversion_record(src: Path) -> dict[str, Any]:
+    """What config.json records of the conversion (beside the quantization config)."""
+    return {"format": "fp8", "recipe": "fp8-e4m3 weights, per-output-channel float32 scale = amax/448, round to "
+                                       "nearest even, saturating; activations quantized per token at run time; "
+                                       "embedding, router, norms, scalars, self-conditioning and vision kept bf16",
+            "source": str(src), "source_revision": source_revision(src)}
+
+
+def check_source(src: Path) -> dict[str, Any]:
+    """SRC's config.json, if SRC is an unquantized Hugging Face directory."""
     if not (src / "config.json").exists():
         raise ConfigError(f"{src}: not a Hugging Face model directory (no config.json)")
-    if dst.exists():
-        if dst.resolve() == src.resolve():
-            raise ConfigError(f"{dst}: the output is the source directory; refusing to overwrite it")
-        raise ConfigError(f"{dst}: already exists; choose a new output directory")
-    if "quantization_config" in read_json(src / "config.json") or "quantization" in read_json(src / "config.json"):
+    raw = read_json(src / "config.json")
+    if "quantization_config" in raw or "quantization" in raw:
         raise ConfigError(f"{src}: already quantized (config.json has a quantization block); "
                           "convert from the bf16 checkpoint")
+    return raw
 
 
-def encode(plan: list[Planned], refs: Mapping[str, TensorRef]) -> Iterator[np.ndarray]:
-    """Each planned tensor's stored elements; a quantized weight is read and quantized once."""
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+def encode(plan: list[Planned]) -> Iterator[np.ndarray]:
+    """Each planned tensor's stored elements; a quantized weight is read and quantized once (its
+    codes and scale are neighbours in the sorted plan)."""
+    cache: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = {}
     for p in plan:
         if p.part == "bf16":
-            ref = refs[p.source]
-            yield ref.raw() if ref.dtype == "BF16" else f32_to_bf16_bits(ref.load())
-        else:
-            if p.source not in cache:
-                cache.clear()
-                cache[p.source] = quantize_rows(refs[p.source].load())
-            yield cache[p.source][0 if p.part == "codes" else 1]
+            raw = p.source.raw()
+            yield raw if p.source.dtype == "BF16" else f32_to_bf16_bits(p.source.load())
+            continue
+        key = (p.source.name, p.rows.start)
+        if key not in cache:
+            cache.clear()
+            rows = p.source.raw().reshape(-1, p.source.shape[-1])[p.rows]           # [rows, in], mapped
+            cache[key] = quantize_rows(bf16_to_f32(rows) if p.source.dtype == "BF16" else rows)
+        yield cache[key][0 if p.part == "codes" else 1]
 
 
 def convert_fp8(src: str | os.PathLike, dst: str | os.PathLike, progress: bool = True) -> Path:
-    """Quantize a Hugging Face DiffusionGemma checkpoint to our FP8 layout; returns DST.
+    """Quantize a Hugging Face DiffusionGemma checkpoint to FP8 in the compressed-tensors layout
+    RedHatAI publishes and vLLM serves (per-expert Linears); returns DST.
 
     Writes into a temporary directory next to DST and renames it at the end, so DST is either
     complete or absent."""
-    from tqdm import tqdm
+    from portable_dg.source import resolved_generation_config
 
-    from portable_dg.checkpoint import check_tensors
-
-    src, dst = Path(src), Path(dst)
-    check_paths(src, dst)
+    src = Path(src)
+    raw = check_source(src)
+    dst = check_new_directory(dst, sources=[src])
     config = DiffusionGemmaConfig.from_file(src / "config.json")
-    refs = sanitize(open_checkpoint(src))
+    stored = open_checkpoint(src)
+    refs = sanitize(stored)
     check_tensors(refs, config, str(src))
-    plan = plan_tensors({name: tuple(ref.shape) for name, ref in refs.items()})
+    vision = {n: r for n, r in stored.items() if VISION.match(n) and r.dtype in FLOAT_DTYPES}
+    plan = plan_tensors({**refs, **vision})
     shards = split_shards(plan, lambda p: p.entry.nbytes, MAX_SHARD_BYTES)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
-        bar = tqdm(total=len(refs), desc="fp8", unit="tensor", disable=not progress)
-        files = [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+    files = [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+    with output_directory(dst, sources=[src]) as tmp, \
+            Progress(sum(p.entry.nbytes for p in plan), f"convert {dst.name} (fp8)", enabled=progress) as bar:
         for file, tensors in zip(files, shards):
-            write_safetensors(tmp / file, [p.entry for p in tensors],
-                              counted(encode(tensors, refs), tensors, bar))
-        bar.close()
+            write_safetensors(tmp / file, [p.entry for p in tensors], counted(encode(tensors), bar))
         write_index(tmp, [(f, [p.entry for p in g]) for f, g in zip(files, shards)])
         copy_side_files(src, tmp)
-        raw = read_json(src / "config.json")
-        raw["quantization_config"] = quantization_config(src)
+        (tmp / "generation_config.json").write_text(json.dumps(resolved_generation_config(src), indent=2) + "\n")
+        raw["quantization_config"] = quantization_config()
+        raw["portable_dg_conversion"] = conversion_record(src)
+        if not vision:
+            raw["vision_config"] = None
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
-def counted(items: Iterator[np.ndarray], plan: list[Planned], bar) -> Iterator[np.ndarray]:
-    """Pass items through, advancing the progress bar once per source tensor."""
-    for p, item in zip(plan, items):
+def counted(items: Iterator[np.ndarray], bar: Progress) -> Iterator[np.ndarray]:
+    """Pass items through, counting their bytes on the progress bar."""
+    for item in items:
         yield item
-        if p.part != "codes":
-            bar.update(1)
+        bar.update(item.nbytes)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, generation config, chat template: everything but weights, index and config.json."""
+    """Tokenizer, chat template, processor files: everything but weights, index and the configs."""
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in (
-                "config.json", "model.safetensors.index.json"):
+                "config.json", "model.safetensors.index.json", "generation_config.json"):
             shutil.copy2(f, dst / f.name)
 
 

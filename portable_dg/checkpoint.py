@@ -10,6 +10,7 @@ of tied weights dropped (spec §2).  `expected_tensors` lists every canonical na
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -106,31 +107,63 @@ def open_safetensors(path: str | Path) -> dict[str, TensorRef]:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:      # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: corrupt safetensors header ({str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    refs = {}
     base = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
-        if end - start != nbytes or start < 0:
-            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape "
-                                  f"{list(shape)} {dtype} (expected {nbytes})")
-        if base + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {base + end}, "
-                                  f"the file has {size}")
-        refs[name] = TensorRef(path, name, dtype, shape, base + start, nbytes)
+    refs = {name: tensor_ref(path, name, info, base) for name, info in header.items() if name != "__metadata__"}
+    check_layout(path, refs.values(), base, size)
     return refs
+
+
+def tensor_ref(path: Path, name: str, info: Any, base: int) -> TensorRef:
+    """One header entry as a TensorRef, its shape and offsets checked against its dtype."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name} "
+                              "(expected dtype, shape and data_offsets)") from None
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(is_count(d) for d in shape)):
+        raise CheckpointError(f"{path}: tensor {name} has shape {shape!r}; expected a list of "
+                              "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets {offsets!r}; expected "
+                              "[start, end] with 0 <= start <= end")
+    start, end = offsets
+    nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize   # exact: no int64 wrap
+    if end - start != nbytes:
+        raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape "
+                              f"{shape} {dtype} (expected {nbytes})")
+    return TensorRef(path, name, dtype, tuple(shape), base + start, nbytes)
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_layout(path: Path, refs: Any, base: int, size: int) -> None:
+    """The tensors' bytes must tile the data section exactly, as the safetensors library requires:
+    no overlap, no hole, nothing past the end of the file."""
+    end = base
+    for ref in sorted(refs, key=lambda r: (r.offset, r.nbytes)):
+        if ref.offset < end:
+            raise CheckpointError(f"{path}: tensor {ref.name} overlaps the tensor before it "
+                                  f"(starts at byte {ref.offset}, the previous one ends at {end})")
+        if ref.offset > end:
+            raise CheckpointError(f"{path}: corrupt: {ref.offset - end} unused bytes before tensor "
+                                  f"{ref.name} (at byte {end})")
+        end = ref.offset + ref.nbytes
+        if end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {ref.name} ends at byte {end}, "
+                                  f"the file has {size}")
+    if end != size:
+        raise CheckpointError(f"{path}: corrupt: {size - end} bytes after the last tensor")
 
 
 def open_checkpoint(directory: str | Path) -> dict[str, TensorRef]:

@@ -25,6 +25,8 @@ COMMANDS = {
     "synth": "portable_dg.commands.synth:synth",
     "bench": "portable_dg.commands.bench:bench",
     "eval": "portable_dg.commands.eval:eval_command",
+    "serve": "portable_dg.commands.serve:serve",
+    "chat": "portable_dg.commands.chat:chat",
 }
 
 

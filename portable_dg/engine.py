@@ -32,9 +32,9 @@ import numpy as np
 from .backend import compile_step
 from .config import GenerationConfig
 from .errors import ConfigError
-from .sampler import (INITIAL, BlockInfo, GenerateOutput, NoiseSource, Pins, StepInfo, StepKnobs,
-                      StepState, denoise_step, new_token_budget, random_bits, resolve_config, seed_key,
-                      temperature, token_ids)
+from .sampler import (INITIAL, INITIAL_UNIFORM, BlockInfo, GenerateOutput, NoiseSource, Pins, StepInfo,
+                      StepKnobs, StepState, denoise_step, new_token_budget, random_bits, resolve_config,
+                      seed_key, temperature, token_ids)
 
 KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
          "confidence_threshold", "eos_token_id")
@@ -46,8 +46,9 @@ class Sequence:
     def __init__(self, seq_id: int, prompt: np.ndarray, cfg: GenerationConfig, n_blocks: int,
                  first_canvas: np.ndarray | None, pins: Pins, key: int, noise: NoiseSource | None,
                  greedy: bool, on_step: Callable[[StepInfo], Any] | None,
-                 on_block: Callable[[BlockInfo], Any] | None):
+                 on_block: Callable[[BlockInfo], Any] | None, constraint: Any = None):
         self.id, self.prompt, self.cfg, self.n_blocks = seq_id, prompt, cfg, n_blocks
+        self.constraint = constraint         # a portable_dg.constraints.CanvasConstraint, or None
         self.first_canvas, self.pins, self.key, self.noise, self.greedy = first_canvas, pins, key, noise, greedy
         self.on_step, self.on_block = on_step, on_block
         self.eos = set(cfg.eos_token_id or [])
@@ -57,13 +58,16 @@ class Sequence:
         self.blocks: list[np.ndarray] = []   # committed canvases
         self.steps: list[int] = []           # steps per committed canvas
         self.batch_index = -1                # its row in the engine's step arrays
+        self.pending_noise: np.ndarray | None = None   # this step's draw of its noise function
+        self.renoise: np.ndarray | None = None         # the renoise ids of this step (noise functions)
         self.output: GenerateOutput | None = None
+        self.error: Exception | None = None  # what its own callback or noise function raised
         self.cancelled = False
 
     @property
     def done(self) -> bool:
-        """Finished (its output is set) or cancelled."""
-        return self.output is not None or self.cancelled
+        """Finished (its output is set), failed (its error is set) or cancelled."""
+        return self.output is not None or self.error is not None or self.cancelled
 
     @property
     def encoded(self) -> np.ndarray:
@@ -79,8 +83,10 @@ class Sequence:
         valid = int((generated != pad).sum()) if pad is not None else len(ids)
         text = tokenizer.decode(ids[:cut]) if tokenizer is not None else None
         finished = cut < len(ids)
+        completed = None if self.constraint is None else self.constraint.accepting
         self.output = GenerateOutput(np.concatenate([self.prompt, generated])[None, :], ids[:cut], text,
-                                     self.steps, len(self.prompt), finished, valid / max(1, sum(self.steps)))
+                                     self.steps, len(self.prompt), finished, valid / max(1, sum(self.steps)),
+                                     completed)
         return self.output
 
 
@@ -122,7 +128,9 @@ class Engine:
                noise: NoiseSource | None = None, greedy: bool = False, start_canvas: Seq[int] | None = None,
                pinned: Mapping[int, int] | Seq[int] | None = None,
                on_step: Callable[[StepInfo], Any] | None = None,
-               on_block: Callable[[BlockInfo], Any] | None = None, **knobs: Any) -> Sequence:
+               on_block: Callable[[BlockInfo], Any] | None = None, json_schema: Any = None,
+               json_object: bool = False, regex: str | None = None, grammar: str | None = None,
+               constrain_noise: bool = False, **knobs: Any) -> Sequence:
         """Queue a generation; the options are `portable_dg.generate`'s.  Bad options raise here."""
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
@@ -145,11 +153,28 @@ class Engine:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         pins = Pins(model.config.vocab_size, pinned, first, n_blocks * L)
+        constraint = self.constraint(cfg, pins, json_schema, json_object, regex, grammar, constrain_noise)
         seq = Sequence(self.next_id, prompt, cfg, n_blocks, first, pins, seed_key(seed), noise, bool(greedy),
-                       on_step, on_block)
+                       on_step, on_block, constraint)
         self.next_id += 1
         self.waiting.append(seq)
         return seq
+
+    def constraint(self, cfg: GenerationConfig, pins: Pins, json_schema: Any, json_object: bool,
+                   regex: str | None, grammar: str | None, constrain_noise: bool) -> Any:
+        """The CanvasConstraint of a submission's constraint options, or None."""
+        if json_schema is None and not json_object and regex is None and grammar is None:
+            return None
+        from .constraints import CanvasConstraint, make_constraint, token_bridge
+
+        constraint = make_constraint(json_schema=json_schema, json_object=json_object, regex=regex, grammar=grammar)
+        if self.model.tokenizer is None:
+            raise ConfigError(f"{self.model.source.path} has no tokenizer: a constraint needs one to read tokens")
+        if pins.tokens:
+            raise ConfigError("pinned positions and a constraint cannot be combined (the walk cannot look ahead "
+                              "to a pinned token)")
+        bridge = token_bridge(self.model.tokenizer, self.model.config.vocab_size, cfg.eos_token_id or [])
+        return CanvasConstraint(constraint, bridge, constrain_noise=bool(constrain_noise))
 
     def cancel(self, seq: Sequence) -> None:
         """Drop a sequence: it takes no further step and frees its place in the batch."""
@@ -176,14 +201,18 @@ class Engine:
     # --- one step ---------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Admit waiting sequences (encoding their prompts), then one denoising step of every running
-        sequence; canvases that end are committed.  Returns the sequences that finished."""
+        sequence; canvases that end are committed.  Returns the sequences that finished (their
+        `output` set) or failed (their `error` set: one of their own callbacks or noise functions
+        raised; the other sequences are not affected)."""
         self.admit()
+        failed = self.noise_failures()
         if not self.running:
-            return []
+            return failed
         if self.dirty:
             self.rebuild()
         knobs = self.step_knobs()
-        result = self.step_fn(self.network, self.frame, self.batch, knobs)
+        step = denoise_step if knobs.constraints is not None else self.step_fn    # walks: host work, never captured
+        result = step(self.network, self.frame, self.batch, knobs)
         self.batch = result.state
         ends = [s.step + 1 == s.cfg.max_denoising_steps for s in self.running]
         can_stop = [s.step + 1 > s.cfg.stability_threshold for s in self.running]
@@ -191,28 +220,59 @@ class Engine:
         for s in self.running:
             s.step += 1
         if not (any(ends) or any(can_stop) or watched):
-            return []                                           # nothing on the host depends on this step
+            return failed                                       # nothing on the host depends on this step
         B = self.backend
         packed = B.to_numpy(B.concat([result.argmax, result.stop[:, None] * 1, result.accepted[:, None] * 1], 1))
         entropies = B.to_numpy(result.mean_entropy) if watched else None
-        return self.after_step(packed, entropies, ends)
+        return failed + self.after_step(packed, entropies, ends)
+
+    def noise_failures(self) -> list[Sequence]:
+        """Call the user `noise` functions for this step, in transformers' order: a canvas's starting
+        ids when it starts (drawn even when start_canvas replaces them), then the step's renoise
+        ids.  A sequence whose function raises or returns the wrong shape leaves with the error."""
+        failed = []
+        for seq in list(self.running):
+            if seq.noise is None:
+                continue
+            try:
+                if seq.step == 0:
+                    seq.pending_noise = self.draw(seq)
+                seq.renoise = self.draw(seq)
+            except Exception as e:
+                seq.error = e
+                self.running.remove(seq)
+                self.release(seq, keep=False)
+                self.dirty = True
+                failed.append(seq)
+        return failed
+
+    def draw(self, seq: Sequence) -> np.ndarray:
+        """L ids from a sequence's noise function, checked."""
+        L, V = self.model.canvas_length, self.model.config.vocab_size
+        ids = np.asarray(seq.noise(L))
+        if ids.shape != (L,) or ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= V)):
+            raise ConfigError(f"noise({L}) must return {L} integer ids in [0, {V}), got shape {list(ids.shape)} "
+                              f"of {ids.dtype}")
+        return ids.astype(np.int64)
 
     def after_step(self, packed: np.ndarray, entropies: np.ndarray | None, ends: list[bool]) -> list[Sequence]:
-        """Report the step, end canvases, commit them, retire finished sequences."""
+        """Report the step, end canvases, commit them, retire finished sequences.  A sequence whose
+        own callback raises leaves with that error; the others go on."""
         L = self.model.canvas_length
         committing, finished = [], []
         for b, seq in enumerate(list(self.running)):
             argmax, stopped, accepted = packed[b, :L], bool(packed[b, L]), int(packed[b, L + 1])
-            if seq.on_step is not None:
-                n = seq.cfg.max_denoising_steps - seq.step + 1
-                seq.on_step(StepInfo(seq.block, seq.step, n, temperature(seq.cfg, n), argmax.astype(np.int64),
-                                     accepted, float(entropies[b]), stopped))
-            if not (stopped or ends[b]):
-                continue
-            if self.end_canvas(seq, argmax.astype(np.int64)):
-                finished.append(seq)
-            else:
-                committing.append(seq)
+            try:
+                if seq.on_step is not None:
+                    n = seq.cfg.max_denoising_steps - seq.step + 1
+                    seq.on_step(StepInfo(seq.block, seq.step, n, temperature(seq.cfg, n),
+                                         argmax.astype(np.int64), accepted, float(entropies[b]), stopped))
+                if not (stopped or ends[b]):
+                    continue
+                done = self.end_canvas(seq, argmax.astype(np.int64))
+            except Exception as e:
+                seq.error, done = e, True
+            (finished if done else committing).append(seq)
         if committing:
             ids = np.stack([s.blocks[-1] for s in committing])                          # [n, L]
             self.network.encode(ids, self.cache, [s.row for s in committing])
@@ -229,6 +289,8 @@ class Engine:
         eos_at = [j for j, t in enumerate(committed.tolist()) if t in seq.eos]
         if eos_at and seq.cfg.pad_token_id is not None:
             committed[eos_at[0] + 1:] = seq.cfg.pad_token_id
+        if seq.constraint is not None:
+            seq.constraint.commit(committed)
         seq.blocks.append(committed)
         seq.steps.append(seq.step)
         done = bool(eos_at) or len(seq.blocks) == seq.n_blocks
@@ -328,10 +390,12 @@ class Engine:
         """A sequence's starting canvas [1, L] on the device: start_canvas, its noise function or the
         seeded generator, with its pins."""
         B, L, V = self.backend, self.model.canvas_length, self.model.config.vocab_size
+        if seq.constraint is not None and seq.constraint.constrain_noise:     # allowed tokens from the start
+            return B.asarray(self.constrained_start(seq)[None])
         if seq.block == 0 and seq.first_canvas is not None:
             canvas = B.asarray(seq.first_canvas[None])
         elif seq.noise is not None:
-            canvas = B.asarray(np.asarray(seq.noise(L), np.int64)[None])
+            canvas = B.asarray(seq.pending_noise[None])        # a new canvas's start (drawn this step)
         else:
             key, block, zero = (B.asarray(np.array([v], np.int64)) for v in (seq.key, seq.block, 0))
             canvas = token_ids(random_bits(key, block, zero, INITIAL, self.positions), V)
@@ -339,6 +403,21 @@ class Engine:
         if mask.any():
             canvas = B.where(B.asarray(mask[None]), B.asarray(ids[None]), canvas)
         return canvas
+
+    def constrained_start(self, seq: Sequence) -> np.ndarray:
+        """A constrained sequence's starting canvas [L], made on the host by its walk from the noise
+        it would start from (the same bits the device would draw)."""
+        L, V = self.model.canvas_length, self.model.config.vocab_size
+        key, block, zero = np.array([seq.key]), np.array([seq.block]), np.array([0])
+        positions = np.arange(L, dtype=np.int64)
+        if seq.block == 0 and seq.first_canvas is not None:
+            noise = seq.first_canvas
+        elif seq.noise is not None:
+            noise = seq.pending_noise
+        else:
+            noise = token_ids(random_bits(key, block, zero, INITIAL, positions), V)[0]
+        uniforms = (random_bits(key, block, zero, INITIAL_UNIFORM, positions)[0] >> 8) * (1.0 / (1 << 24))
+        return seq.constraint.start(noise, uniforms, (seq.n_blocks - seq.block) * L)
 
     def static_knobs(self, K: int) -> dict[str, Any]:
         """The knobs that change only with the batch's membership or canvases."""
@@ -368,7 +447,16 @@ class Engine:
             pin_ids=B.asarray(np.stack([i for _, i in pins])) if has_pins else None,
             host_noise_rows=column(host_noise, bool) if any(host_noise) else None,
             positions=self.positions,
+            **self.constraint_knobs(),
         )
+
+    def constraint_knobs(self) -> dict[str, Any]:
+        """The constrained rows' walk states and budgets, and the host's copies of their counters."""
+        seqs, L = self.running, self.model.canvas_length
+        if all(s.constraint is None for s in seqs):
+            return {}
+        return dict(constraints=[s.constraint for s in seqs], budgets=[(s.n_blocks - s.block) * L for s in seqs],
+                    static_keys=[s.key for s in seqs], static_blocks=[s.block for s in seqs])
 
     def step_knobs(self) -> StepKnobs:
         """This step's knobs: the static ones plus the step counters and host noise."""
@@ -376,13 +464,14 @@ class Engine:
         seqs = self.running
         host_noise = None
         if self.static["host_noise_rows"] is not None:
-            host_noise = B.asarray(np.stack([np.asarray(s.noise(L), np.int64) if s.noise is not None
-                                             else np.zeros(L, np.int64) for s in seqs]))
+            host_noise = B.asarray(np.stack([s.renoise if s.noise is not None else np.zeros(L, np.int64)
+                                             for s in seqs]))
         last = all(s.step + 1 == s.cfg.max_denoising_steps for s in seqs)
+        steps = [s.step + 1 for s in seqs]
         return StepKnobs(
             steps_left=B.asarray(np.array([s.cfg.max_denoising_steps - s.step for s in seqs], np.float32)),
-            step=B.asarray(np.array([s.step + 1 for s in seqs], np.int64)),
-            host_noise=host_noise, condition=not last, **self.static)
+            step=B.asarray(np.array(steps, np.int64)), host_noise=host_noise, condition=not last,
+            steps=steps if self.static.get("constraints") else None, **self.static)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -407,6 +496,9 @@ def generate_batch(model: Any, prompts: Seq[Seq[int] | np.ndarray], *, max_batch
     sequences = [engine.submit(p, **{k: per_prompt(k, v, i, len(prompts)) for k, v in options.items()})
                  for i, p in enumerate(prompts)]
     engine.run()
+    for seq in sequences:
+        if seq.error is not None:
+            raise seq.error
     return [s.output for s in sequences]
 
 

@@ -19,3 +19,7 @@ class FormatError(PortableDGError):
 
 class BackendUnavailable(PortableDGError):
     """A backend was requested whose packages or device are not present."""
+
+
+class OutputError(PortableDGError):
+    """An output cannot be written (read-only directory, full disk, ...); nothing was left behind."""

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .progress import Progress
 
 SCHEMA = "portable_dg.eval/1"
 # Fields two models must share for their canvas distributions to be comparable.
@@ -144,36 +145,43 @@ class PairedFrame:
         return self.reference.serial
 
 
-def teacher_forced(model: Any, reference: Any, prompts: list[np.ndarray], settings: EvalSettings
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def teacher_forced(model: Any, reference: Any, prompts: list[np.ndarray], settings: EvalSettings,
+                   bar: Progress) -> tuple[np.ndarray, np.ndarray]:
     """Per-position KL values and top-1 matches over every denoising step of every canvas."""
     from .engine import Engine
 
     L = reference.canvas_length
     network = TeacherForcedNetwork(reference, model)
     engine = Engine(reference, max_batch=1, network=network)
+    sequences = []
     for i, prompt in enumerate(prompts):
-        engine.submit(prompt, seed=settings.seed * 1_000_003 + i, eos_token_id=[],
-                      max_new_tokens=settings.canvases * L, max_denoising_steps=settings.steps)
+        sequences.append(engine.submit(prompt, seed=settings.seed * 1_000_003 + i, eos_token_id=[],
+                                       max_new_tokens=settings.canvases * L, max_denoising_steps=settings.steps,
+                                       on_step=lambda info: bar.update(1)))
     engine.run()
+    budget = settings.steps or reference.generation_config.max_denoising_steps
+    bar.update(sum(budget * settings.canvases - sum(s.steps) for s in sequences))   # steps early stops skip
     return np.concatenate(network.kl), np.concatenate(network.matches)
 
 
-def adaptive_steps(model: Any, prompts: list[np.ndarray], settings: EvalSettings) -> float:
-    """Mean denoising steps per canvas of the adaptive sampler over the prompts."""
-    from .sampler import generate
+def adaptive_steps(model: Any, prompts: list[np.ndarray], settings: EvalSettings, bar: Progress) -> float:
+    """Mean denoising steps per canvas of the adaptive sampler over the prompts (one batch)."""
+    from .engine import generate_batch
 
-    steps: list[int] = []
-    for i, prompt in enumerate(prompts):
-        out = generate(model, prompt, max_new_tokens=settings.canvases * model.canvas_length,
-                       max_denoising_steps=settings.steps, seed=settings.seed + i)
-        steps.extend(out.steps)
+    budget = settings.steps or model.generation_config.max_denoising_steps
+    outs = generate_batch(model, prompts, max_new_tokens=settings.canvases * model.canvas_length,
+                          max_denoising_steps=settings.steps, seed=[settings.seed + i for i in range(len(prompts))],
+                          on_step=lambda info: bar.update(1))
+    steps = [n for out in outs for n in out.steps]
+    bar.update(budget * settings.canvases * len(prompts) - sum(steps))     # early stops, canvases after an EOS
     return float(np.mean(steps))
 
 
 def evaluate(model_path: str | Path, reference_path: str | Path, backend: str = "numpy",
-             reference_backend: str = "numpy", settings: EvalSettings | None = None) -> dict[str, Any]:
-    """Load both models and measure the model against the reference (see the module docstring)."""
+             reference_backend: str = "numpy", settings: EvalSettings | None = None, *,
+             progress: bool = False) -> dict[str, Any]:
+    """Load both models and measure the model against the reference (see the module docstring);
+    `progress` reports denoising steps on stderr."""
     from .runtime import load
 
     settings = settings or EvalSettings()
@@ -181,8 +189,11 @@ def evaluate(model_path: str | Path, reference_path: str | Path, backend: str = 
     model = load(model_path, backend=backend)
     check_comparable(model, reference)
     prompts = prompts_for(settings, reference.config.vocab_size)
-    kl, matches = teacher_forced(model, reference, prompts, settings)
-    ours, theirs = adaptive_steps(model, prompts, settings), adaptive_steps(reference, prompts, settings)
+    per_pass = settings.prompts * settings.canvases
+    budgets = [settings.steps or m.generation_config.max_denoising_steps for m in (reference, model, reference)]
+    with Progress(per_pass * sum(budgets), "eval", "step", enabled=progress) as bar:
+        kl, matches = teacher_forced(model, reference, prompts, settings, bar)
+        ours, theirs = adaptive_steps(model, prompts, settings, bar), adaptive_steps(reference, prompts, settings, bar)
     return {"schema": SCHEMA, "model": str(model_path), "backend": model.backend.name,
             "reference": str(reference_path), "reference_backend": reference.backend.name,
             "settings": asdict(settings), "positions": int(kl.size), "kl": kl_summary(kl),

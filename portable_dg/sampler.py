@@ -31,7 +31,7 @@ NoiseSource = Callable[[int], np.ndarray]          # n -> n token ids in [0, V)
 
 M32 = 0xFFFF_FFFF
 # Streams of the counter-based generator: each random quantity hashes its own stream id.
-INITIAL, UNIFORM, RENOISE = 1, 2, 3
+INITIAL, UNIFORM, RENOISE, INITIAL_UNIFORM = 1, 2, 3, 4
 
 
 @dataclass
@@ -68,6 +68,7 @@ class GenerateOutput:
     prompt_length: int = 0
     finished: bool = False      # an EOS was generated
     tokens_per_forward: float = field(default=0.0)
+    completed: bool | None = None   # with a constraint: the text is a whole text of its language (not cut short)
 
 
 def temperature(cfg: GenerationConfig, steps_left: int) -> float:
@@ -195,6 +196,11 @@ class StepKnobs:
     host_noise_rows: Array | None   # [B] bool: rows whose renoise ids come from host_noise
     positions: Array            # [L] int64 0..L-1 (the generator's position counter)
     condition: bool             # compute the next step's soft embedding (False on a batch's last step)
+    constraints: list[Any] | None = None    # per row a CanvasConstraint or None; None: no row is constrained
+    budgets: list[int] | None = None        # per row: positions left from this canvas's first (constraints)
+    static_keys: list[int] | None = None    # the host's copies of key, block and step (constrained batches)
+    static_blocks: list[int] | None = None
+    steps: list[int] | None = None
 
 
 @dataclass
@@ -236,6 +242,12 @@ def denoise_step(network: Any, frame: Any, state: StepState, knobs: StepKnobs) -
     canvas = B.where(accept, sampled, noise)
     if knobs.pin_mask is not None:
         canvas = B.where(knobs.pin_mask, knobs.pin_ids, canvas)
+    soft = None
+    if knobs.constraints is not None:        # the soft embedding goes first: the device works during the walks
+        soft = network.condition(scaled) if knobs.condition else None
+        canvas, argmax = constrain_rows(B, knobs, scaled, sampled, accept, noise, canvas, argmax)
+    elif knobs.condition:
+        soft = network.condition(scaled)
     mean_entropy = B.mean(entropy, -1)
     stop = mean_entropy < knobs.confidence                                           # confident ...
     history = state.history
@@ -243,8 +255,44 @@ def denoise_step(network: Any, frame: Any, state: StepState, knobs: StepKnobs) -
         same = history == argmax[:, None, :]                                          # [B, K, L]
         stop = stop & B.all(B.all(same, -1) | knobs.ignored, -1)
         history = B.concat([history[:, 1:], argmax[:, None, :]], 1)
-    soft = network.condition(scaled) if knobs.condition else None
     return StepResult(StepState(canvas, soft, history), argmax, stop, B.sum(accept * 1, -1), mean_entropy)
+
+
+def constrain_rows(B: Any, knobs: StepKnobs, scaled: Array, sampled: Array, accept: Array, noise: Array,
+                   canvas: Array, argmax: Array) -> tuple[Array, Array]:
+    """The constrained rows' canvases and argmax canvases, walked on the host left to right by their
+    CanvasConstraint (`portable_dg.constraints`): the model's tokens where the constraint allows
+    them after the tokens to their left, allowed replacements elsewhere.  The walk reads the rows'
+    samples, acceptance, noise, uniforms and top-K candidates (one host read); a position whose
+    candidates are all refused gets a masked choice over its whole row on the device."""
+    from .constraints import resample_uniform
+
+    rows = [b for b, c in enumerate(knobs.constraints) if c is not None]
+    K = max(knobs.constraints[b].candidates for b in rows)
+    index = B.asarray(np.array(rows, np.int64))
+    top_values, top_ids = B.top_k(scaled[index], K)                                 # [R, L, K]
+    host = [B.to_numpy(x) for x in (sampled[index], accept[index], noise[index], top_ids, top_values)]
+    bits = random_bits(np.array([knobs.static_keys[b] for b in rows], np.int64),
+                       np.array([knobs.static_blocks[b] for b in rows], np.int64),
+                       np.array([knobs.steps[b] for b in rows], np.int64), UNIFORM,
+                       np.arange(canvas.shape[1], dtype=np.int64))
+    u = (bits >> 8) * (1.0 / (1 << 24))                                              # as on the device
+    V = scaled.shape[-1]
+    walked_canvas, walked_argmax = np.zeros(canvas.shape, np.int64), np.zeros(canvas.shape, np.int64)
+    for r, b in enumerate(rows):
+        def masked_choice(j: int, allowed: np.ndarray, kind: str, b: int = b, r: int = r) -> int:
+            mask = np.unpackbits(allowed.view(np.uint8), bitorder="little")[:V].astype(bool)
+            row = B.where(B.asarray(mask), scaled[b, j], -1e30)[None]                # [1, V]; exp(-1e30 - max) = 0
+            uniform = None if kind == "argmax" else B.asarray(np.array([resample_uniform(u[r, j])], np.float32))
+            chosen = B.token_stats(row, uniform)[0 if kind == "argmax" else 2]
+            return int(B.to_numpy(chosen)[0])
+
+        sampled_r, accept_r, noise_r, ids_r, values_r = (h[r] for h in host)
+        walked_canvas[b], walked_argmax[b] = knobs.constraints[b].walk(
+            sampled_r, accept_r, ids_r, values_r, u[r], noise_r, masked_choice, knobs.budgets[b])
+    constrained = B.asarray(np.array([c is not None for c in knobs.constraints]))[:, None]
+    return (B.where(constrained, B.asarray(walked_canvas), canvas),
+            B.where(constrained, B.asarray(walked_argmax), argmax))
 
 
 def generate(model: Any, prompt_ids: Sequence[int] | np.ndarray, **options: Any) -> GenerateOutput:
@@ -255,7 +303,9 @@ def generate(model: Any, prompt_ids: Sequence[int] | np.ndarray, **options: Any)
     n -> n ids used for every canvas start and renoise, instead of the seeded generator); greedy
     (sample the argmax); start_canvas (the first canvas's initial ids); pinned (generated position
     -> id the sampler never changes, or positions whose ids come from start_canvas); on_step
-    (called with a StepInfo after every step) and on_block (a BlockInfo after every canvas)."""
+    (called with a StepInfo after every step) and on_block (a BlockInfo after every canvas);
+    json_schema, json_object, regex or grammar: a constraint every written token respects
+    (`portable_dg.constraints`; `completed` on the output says whether the text is whole)."""
     from .engine import generate_batch
 
     return generate_batch(model, [prompt_ids], **options)[0]

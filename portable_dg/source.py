@@ -47,6 +47,20 @@ def read_configs(path: Path) -> tuple[dict[str, Any], DiffusionGemmaConfig, Gene
     return raw, config, generation
 
 
+def resolved_generation_config(path: Path) -> dict[str, Any]:
+    """generation_config.json of a checkpoint directory with every setting resolved: transformers
+    saves unset fields as null (which other tools, mlx-vlm among them, fail on); here they hold
+    the values the sampler uses.  Keys we do not use are kept unless null."""
+    gen_path = path / "generation_config.json"
+    raw = read_json(gen_path) if gen_path.exists() else {}
+    resolved = read_configs(path)[2].to_dict()
+    sampler = raw.get("sampler_config")
+    if isinstance(sampler, dict):
+        resolved["sampler_config"] = {**{k: v for k, v in sampler.items() if v is not None},
+                                      **resolved["sampler_config"]}
+    return {**{k: v for k, v in raw.items() if v is not None}, **resolved}
+
+
 def read_hf(path: Path) -> ModelSource:
     """A Hugging Face checkpoint directory (single or sharded safetensors)."""
     raw, config, generation = read_configs(path)

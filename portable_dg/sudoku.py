@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -55,6 +55,14 @@ def parse_puzzle(text: str) -> np.ndarray:
         raise ConfigError(f"a puzzle is 81 characters of 1-9 with 0 or . for blanks, got "
                           f"{len(chars)} characters: {chars[:90]!r}")
     return np.array([0 if ch == "." else int(ch) for ch in chars], np.int8)
+
+
+def check_givens(grid: Sequence[int]) -> None:
+    """ConfigError if the givens of a puzzle already break a rule (a repeated digit in a row,
+    column or box): no answer can keep them, so the model is not asked."""
+    broken = [p for p in rule_violations(grid) if "repeats" in p]
+    if broken:
+        raise ConfigError(f"the puzzle's givens break the rules ({'; '.join(broken)}); it has no solution")
 
 
 def grid_text(grid: Sequence[int]) -> str:
@@ -149,11 +157,19 @@ def make_puzzle(rng: np.random.Generator, givens: int) -> tuple[np.ndarray, np.n
     return puzzle, solution
 
 
-def puzzles(seed: int, n: int, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
-    """n (puzzle, solution) pairs from `seed`, givens uniform in the difficulty's range."""
+def iter_puzzles(seed: int, n: int, difficulty: str | tuple[int, int] = "easy"
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """n (puzzle, solution) pairs from `seed`, givens uniform in the difficulty's range, made one
+    at a time (about 10 ms each for easy puzzles, 60 ms for hard ones)."""
     low, high = DIFFICULTY[difficulty] if isinstance(difficulty, str) else difficulty
     rng = np.random.default_rng(seed)
-    return [make_puzzle(rng, int(rng.integers(low, high + 1))) for _ in range(n)]
+    for _ in range(n):
+        yield make_puzzle(rng, int(rng.integers(low, high + 1)))
+
+
+def puzzles(seed: int, n: int, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
+    """`iter_puzzles` as a list."""
+    return list(iter_puzzles(seed, n, difficulty))
 
 
 def test_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
@@ -164,6 +180,9 @@ def test_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[
 def validation_set(n: int = 1000, difficulty: str | tuple[int, int] = "easy") -> list[tuple[np.ndarray, np.ndarray]]:
     """The validation set (for choosing sampler settings): the first n puzzles of its own seed."""
     return puzzles(VALIDATION_SEED, n, difficulty)
+
+
+SPLIT_SEEDS = {"test": TEST_SEED, "validation": VALIDATION_SEED}
 
 
 # ---------------------------------------------------------------------------------------- tokens
@@ -215,6 +234,7 @@ def solve(model: Any, puzzle: str | Sequence[int], **generate_options: Any) -> S
     from .sampler import generate
 
     grid = parse_puzzle(puzzle) if isinstance(puzzle, str) else np.asarray(puzzle, np.int8)
+    check_givens(grid)
     if model.canvas_length < CELLS:
         raise ConfigError(f"this model's canvas holds {model.canvas_length} tokens; a Sudoku needs {CELLS}")
     out = generate(model, prompt_ids(grid), max_new_tokens=CELLS, **generate_options)
@@ -257,75 +277,21 @@ def score(pairs: Sequence[tuple[np.ndarray, np.ndarray]], answers: Sequence[np.n
                       [grid_text(a) for a in answers])
 
 
-def evaluate(model: Any, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *,
+def evaluate(model: Any, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, batch: int = 16,
              progress: Callable[[int], Any] | None = None, **generate_options: Any) -> Evaluation:
-    """Solve every puzzle of (puzzle, solution) pairs; `progress(i)` after each."""
+    """Solve every puzzle of (puzzle, solution) pairs, `batch` at a time (each puzzle's answer is
+    what it gets alone: the same options, its own random stream); `progress(n)` after each batch
+    of n puzzles."""
+    from .engine import generate_batch
+
     answers, steps = [], []
-    for i, (puzzle, _) in enumerate(pairs):
-        result = solve(model, puzzle, **generate_options)
-        answers.append(result.grid)
-        steps.append(result.steps)
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        outs = generate_batch(model, [prompt_ids(puzzle) for puzzle, _ in chunk], max_new_tokens=CELLS,
+                              **generate_options)
+        for out in outs:
+            answers.append(grid_from_ids(out.sequences[0, out.prompt_length:]))
+            steps.append(sum(out.steps))
         if progress is not None:
-            progress(i + 1)
+            progress(len(chunk))
     return score(pairs, answers, steps)
-
-
-def reference_evaluate(path: str | Path, pairs: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                       max_denoising_steps: int | None = None,
-                       progress: Callable[[int], Any] | None = None) -> Evaluation:
-    """The transformers reference on the same checkpoint, made deterministic (spec §7.3): the
-    canvas noise is `noise_pattern` and `torch.multinomial` is the argmax.  Needs torch and
-    transformers; compare with `evaluate(..., noise=pattern_noise(V), greedy=True)`.
-    max_denoising_steps: None keeps the checkpoint's generation config."""
-    try:
-        import torch
-        from transformers import DiffusionGemmaForBlockDiffusion
-        from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
-    except ImportError:
-        raise ConfigError("--compare transformers needs torch and transformers installed") from None
-
-    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).eval()
-    vocab_size, length = hf.config.text_config.vocab_size, hf.config.canvas_length
-    fixed = torch.from_numpy(noise_pattern(length, vocab_size))
-
-    def initialize_canvas(self, batch_size, device):
-        return fixed.to(device)[None].expand(batch_size, length).clone()
-
-    def argmax_multinomial(probs, num_samples, *args, **kwargs):
-        return probs.argmax(dim=-1, keepdim=True)
-
-    saved = hf_generation.EntropyBoundSampler.initialize_canvas, torch.multinomial
-    hf_generation.EntropyBoundSampler.initialize_canvas = initialize_canvas
-    torch.multinomial = argmax_multinomial
-    answers, steps = [], []
-    try:
-        for i, (puzzle, _) in enumerate(pairs):
-            calls = []
-            forward = hf.forward
-
-            def counting_forward(*args, **kwargs):
-                calls.append(1)                                # one decoder pass per denoising step
-                return forward(*args, **kwargs)
-
-            hf.forward = counting_forward
-            with torch.no_grad():
-                out = hf.generate(torch.from_numpy(prompt_ids(puzzle))[None], max_new_tokens=CELLS,
-                                  **({"max_denoising_steps": max_denoising_steps} if max_denoising_steps else {}))
-            del hf.forward
-            answers.append(grid_from_ids(out.sequences[0, PROMPT_LENGTH:].numpy()))
-            steps.append(len(calls))
-            if progress is not None:
-                progress(i + 1)
-    finally:
-        hf_generation.EntropyBoundSampler.initialize_canvas, torch.multinomial = saved
-    return score(pairs, answers, steps)
-
-
-def noise_pattern(n: int, vocab_size: int) -> np.ndarray:
-    """The deterministic stand-in for canvas noise (spec §7.3): (37 j + 5) mod V."""
-    return (37 * np.arange(n, dtype=np.int64) + 5) % vocab_size
-
-
-def pattern_noise(vocab_size: int) -> Callable[[int], np.ndarray]:
-    """A NoiseSource that always returns `noise_pattern`."""
-    return lambda n: noise_pattern(n, vocab_size)

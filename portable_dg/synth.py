@@ -15,9 +15,6 @@ logits (spec §7.1) while activations stay of unit size.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +24,8 @@ import numpy as np
 from .checkpoint import expected_tensors
 from .config import FULL, SLIDING, DiffusionGemmaConfig
 from .errors import ConfigError
+from .outputs import check_new_directory, output_directory
+from .progress import Progress
 from .safetensors_writer import Entry, f32_to_bf16_bits, split_shards, write_index, write_safetensors
 
 MAX_SHARD_BYTES = 5 * 10**9          # transformers' max_shard_size="5GB"
@@ -37,7 +36,10 @@ ITEMSIZE = {"bf16": 2, "f32": 4}
 # tokens and then padding up to vocab_size.
 SPECIAL_TOKENS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
                   50: "<|tool_response>", 105: "<|turn>", 106: "<turn|>"}
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|turn>{{ message['role'] }}\n"
+# Gemma 4's turn format; the assistant's turns are "model" turns, as in Gemma's own template, so a
+# conversation's next prompt extends the previous one (prefix reuse).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|turn>"
+                 "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
                  "{{ message['content'] }}<turn|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|turn>model\n{% endif %}")
 # transformers always builds a vision tower; this 1-layer toy keeps that cheap (spec §7.1).  The
@@ -199,14 +201,13 @@ def entries(tensors: list[TensorPlan], dtype: str) -> list[Entry]:
 
 
 def write_shard(path: Path, tensors: list[TensorPlan], indices: dict[str, int], dtype: str,
-                seed: int, progress: Any = None) -> None:
+                seed: int, progress: Progress) -> None:
     """Write one safetensors file: header, then each tensor's chunks in header order."""
     def chunks() -> Iterator[np.ndarray]:
         for t in tensors:
             for chunk in tensor_chunks(t, indices[t.name], seed):
                 yield f32_to_bf16_bits(chunk) if dtype == "bf16" else chunk
-                if progress is not None:
-                    progress.update(chunk.size * ITEMSIZE[dtype])
+                progress.update(chunk.size * ITEMSIZE[dtype])
     write_safetensors(path, entries(tensors, dtype), chunks())
 
 
@@ -236,29 +237,19 @@ def write_synthetic(out: str | Path, like: str = "mini", *, layers: int | None =
                     progress: bool = False) -> Path:
     """Write a synthetic checkpoint directory at `out` (which must not exist or be empty).
 
-    Everything goes to a temporary directory next to `out`, renamed into place when complete."""
+    Everything goes to a temporary directory next to `out`, renamed into place when complete
+    (`portable_dg.outputs.output_directory`); `progress` reports the bytes written on stderr."""
     if dtype not in SAFETENSORS_DTYPE:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(SAFETENSORS_DTYPE)}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists and is not an empty directory; choose a new path")
+    out = check_new_directory(out)
     text = text_config(like, layers, vocab)
     config = config_json(like, text, form, dtype)
     model_config = DiffusionGemmaConfig.from_dict(config, source=f"preset {like}")
     plan = tensor_plan(model_config)
     indices = {t.name: i for i, t in enumerate(plan)}
     shards = shard_groups(plan, dtype, max_shard_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes it private; the result is an ordinary directory
-    bar = None
-    try:
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=sum(t.numel for t in plan) * ITEMSIZE[dtype], unit="B", unit_scale=True,
-                       desc=f"synth {like}")
+    total = sum(t.numel for t in plan) * ITEMSIZE[dtype]
+    with output_directory(out) as tmp, Progress(total, f"synth {out.name} ({like})", enabled=progress) as bar:
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
         for name, group in zip(names, shards):
@@ -271,15 +262,6 @@ def write_synthetic(out: str | Path, like: str = "mini", *, layers: int | None =
         write_json(tmp / "tokenizer_config.json", {"bos_token": "<bos>", "eos_token": "<eos>",
                                                    "pad_token": "<pad>", "unk_token": "<unk>"})
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
     return out
 
 

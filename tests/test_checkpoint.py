@@ -151,3 +151,50 @@ def test_index_names_a_tensor_missing_from_its_shard(checkpoint):
 def test_nonexistent_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory"):
         portable_dg.load(tmp_path / "nowhere")
+
+
+def edit_header(path: Path, edit) -> None:
+    """Rewrite the safetensors header with edit(header: dict) applied, keeping the data bytes."""
+    data = path.read_bytes()
+    n = header_length(data)
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:])
+
+
+def offsets(header: dict, name: str) -> list[int]:
+    return header[name]["data_offsets"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    # a tensor whose bytes are Q_PROJ's first 64: the safetensors library refuses overlaps
+    (lambda h: h.update({"extra": {"dtype": "F32", "shape": [16],
+                                   "data_offsets": [offsets(h, Q_PROJ)[0], offsets(h, Q_PROJ)[0] + 64]}}),
+     ["overlaps"]),
+    # 2^32 x 2^32 float32 values in zero bytes: 2^64 * 4 wraps to 0 in int64 arithmetic
+    (lambda h: h.update({"huge": {"dtype": "F32", "shape": [2 ** 32, 2 ** 32], "data_offsets": [0, 0]}}),
+     ["huge", "[4294967296, 4294967296]", "expected 73786976294838206464"]),
+    (lambda h: h[Q_PROJ].update(shape=[-128, -64]), [Q_PROJ, "non-negative integers"]),
+    (lambda h: h[Q_PROJ].update(shape=[128.0, 64]), [Q_PROJ, "non-negative integers"]),
+    (lambda h: h[Q_PROJ].update(data_offsets=[10, 2]), [Q_PROJ, "data_offsets [10, 2]"]),
+    (lambda h: h[Q_PROJ].update(dtype=7), [Q_PROJ, "unsupported dtype 7"]),
+    (lambda h: h.update({Q_PROJ: "nothing"}), [Q_PROJ, "corrupt header entry"]),
+], ids=["overlap", "absurd-shape", "negative", "float-dims", "reversed-offsets", "dtype-type", "entry-type"])
+def test_corrupt_header_entries(checkpoint, edit, words):
+    edit_header(checkpoint / WEIGHTS, edit)
+    expect_error(checkpoint, str(checkpoint / WEIGHTS), *words)
+
+
+def test_unused_bytes_are_refused(checkpoint):
+    path = checkpoint / WEIGHTS
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+    expect_error(checkpoint, str(path), "16 bytes after the last tensor")
+
+
+def test_deeply_nested_header(checkpoint):
+    path = checkpoint / WEIGHTS
+    blob = b"[" * 100_000
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob)
+    expect_error(checkpoint, str(path), "corrupt safetensors header")

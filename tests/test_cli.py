@@ -87,3 +87,47 @@ def test_generate_ids_within_vocab_via_numpy_float64(tiny_a):
                  "--max-new-tokens", "16", "--steps", "2", "--dtype", "float64", "--greedy")
     assert result.exit_code == 0
     assert np.all(np.array(result.stdout.strip().split(","), int) < 512)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "Why is the sky blue?"], "needs a user message holding a puzzle"),
+    (["generate", "--prompt-ids", "2", "--seed", "-1"], "'--seed': -1 is not in the range x>=0"),
+    (["imatrix", "--model", "TINY", "--out", "OUT/im.npz", "--n-random", "0"], "--n-random must be positive"),
+    (["imatrix", "--model", "TINY", "--out", "OUT/im.npz", "--prompts", "BLANK"], "calibration prompts are all blank"),
+    (["eval", "--model", "TINY", "--reference", "TINY", "--seed", "-1"], "-1 is not in the range x>=0"),
+    (["synth", "OUT/s", "--like", "tiny", "--seed", "-1"], "-1 is not in the range x>=0"),
+])
+def test_bad_options_are_refused_before_any_work(tiny_a, tmp_path, args, message):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    args = [{"TINY": str(tiny_a), "BLANK": str(tmp_path / "blank.txt")}.get(a, a.replace("OUT", str(tmp_path)))
+            for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.txt"]
+
+
+def test_file_outputs_need_force(tiny_a, tmp_path):
+    out = tmp_path / "a.gguf"
+    out.write_text("mine")
+    refused = CliRunner().invoke(main, ["convert", str(tiny_a), str(out), "--to", "gguf", "--quant", "F32"])
+    assert refused.exit_code == 1 and "a.gguf: already exists; pass --force to replace it" in refused.output
+    assert out.read_text() == "mine"
+    replaced = CliRunner().invoke(main, ["convert", str(tiny_a), str(out), "--to", "gguf", "--quant", "F32", "--force"])
+    assert replaced.exit_code == 0 and out.read_bytes()[:4] == b"GGUF"
+    assert "writing a.gguf: " in replaced.stderr and replaced.stderr.splitlines()[-1].endswith(", done")
+    im = tmp_path / "im.npz"
+    im.write_text("mine")
+    refused = CliRunner().invoke(main, ["imatrix", "--model", str(tiny_a), "--out", str(im), "--n-random", "1"])
+    assert refused.exit_code == 1 and "pass --force" in refused.output and im.read_text() == "mine"
+    directory = CliRunner().invoke(main, ["convert", str(tiny_a), str(tmp_path / "d"), "--to", "mlx", "--force"])
+    assert directory.exit_code == 1 and "never replaced" in directory.output
+
+
+def test_empty_imatrix_is_refused(tiny_a, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "empty.npz")
+    result = CliRunner().invoke(main, ["convert", str(tiny_a), str(tmp_path / "a.gguf"), "--to", "gguf",
+                                       "--quant", "Q8_0", "--imatrix", str(tmp_path / "empty.npz")])
+    assert result.exit_code == 1 and "the importance matrix is empty" in result.output
+    assert not (tmp_path / "a.gguf").exists()

@@ -187,3 +187,25 @@ def test_engine_options_are_checked(tiny_model):
         engine.submit([2, 3], seed="x")
     with pytest.raises(ConfigError, match="empty"):
         engine.submit([])
+
+
+def test_a_failing_callback_fails_only_its_sequence(tiny_model):
+    """An exception in one sequence's own on_step (or noise function) ends that sequence with the
+    error; the others finish with the results they get alone."""
+    model = tiny_model("a")
+    V = vocab("a")
+
+    def boom(info):
+        raise RuntimeError("callback failed")
+
+    engine = Engine(model, max_batch=3)
+    bad = engine.submit(tiny_prompt(8, V), seed=0, on_step=boom)
+    broken_noise = engine.submit(tiny_prompt(8, V), seed=0, noise=lambda n: np.zeros(n + 1, np.int64))
+    good = engine.submit(tiny_prompt(9, V), seed=1)
+    engine.run()
+    assert isinstance(bad.error, RuntimeError) and bad.output is None and bad.done
+    assert isinstance(broken_noise.error, ConfigError) and "noise(16) must return 16" in str(broken_noise.error)
+    np.testing.assert_array_equal(good.output.sequences,
+                                  portable_dg.generate(model, tiny_prompt(9, V), seed=1).sequences)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        portable_dg.generate(model, tiny_prompt(8, V), on_step=boom)

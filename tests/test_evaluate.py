@@ -44,10 +44,14 @@ def test_cli_same_model_is_exact(tiny_pair):
     result = CliRunner().invoke(main, ["eval", "--model", str(f32), "--reference", str(f32), "--prompts", "2",
                                        "--steps", "3", "--json"])
     assert result.exit_code == 0, result.output
-    r = json.loads(result.output)
+    r = json.loads(result.stdout)
     assert r["schema"] == "portable_dg.eval/1" and r["positions"] == 2 * 3 * 16
     assert r["kl"] == {"mean": 0.0, "p99": 0.0, "max": 0.0} and r["top1_agreement"] == 1.0
     assert r["steps_per_canvas"] == {"model": 3.0, "reference": 3.0, "delta": 0.0}
+    # progress off a terminal: plain lines on stderr, counting every denoising step of the three passes
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("eval: 0 steps of 18 steps (0%)")
+    assert lines[-1].startswith("eval: 18 steps of 18 steps (100%)") and lines[-1].endswith(", done")
 
 
 def test_cli_bf16_against_f32(tiny_pair):

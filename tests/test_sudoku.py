@@ -112,16 +112,24 @@ def test_bundled_model_solves_fixed_easy_puzzles(bundled, index):
     assert (result.grid == solution).all()
 
 
-def test_solve_reports_contradictions(bundled):
-    result = sd.solve(bundled, CONTRADICTION, seed=0, max_denoising_steps=4)
-    assert not result.solved and any("row 1" in p or "given" in p for p in result.problems)
+def test_solve_refuses_givens_that_break_a_rule(bundled):
+    with pytest.raises(ConfigError, match=r"givens break the rules \(row 1 repeats a digit"):
+        sd.solve(bundled, CONTRADICTION, seed=0, max_denoising_steps=4)
 
 
-def test_cli_prints_one_line_and_fails_on_violations():
+def test_cli_refuses_a_contradiction_before_running_the_model():
     out = CliRunner().invoke(main, ["sudoku", CONTRADICTION, "--steps", "4"])
     assert out.exit_code == 1
-    lines = [line for line in out.stdout.splitlines() if len(line) == 81 and line.isdigit()]
-    assert len(lines) == 1
+    assert "error: the puzzle's givens break the rules (row 1 repeats a digit" in out.output
+    assert not [line for line in out.stdout.splitlines() if len(line) == 81 and line.isdigit()]
+
+
+@pytest.mark.parametrize("args, message", [(["--eval", "100000000"], "--eval takes 1 to 10000 puzzles"),
+                                           (["--eval", "0"], "--eval takes 1 to 10000 puzzles"),
+                                           (["--seed", "-1"], "-1 is not in the range x>=0")])
+def test_cli_bounds(args, message):
+    out = CliRunner().invoke(main, ["sudoku", *args])
+    assert out.exit_code != 0 and message in out.output and "Traceback" not in out.output
 
 
 def test_cli_rejects_bad_puzzle():
@@ -136,13 +144,19 @@ def test_cli_eval_scores_the_chosen_split():
     assert "solved " in out.stdout and "/2 (" in out.stdout
 
 
-def test_cli_compare_agrees_with_transformers():
+def test_transformers_reference_agrees():
+    """bench/sudoku_reference.py: transformers under the deterministic stand-ins gives our answers."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    out = CliRunner().invoke(main, ["sudoku", "--eval", "2", "--compare", "transformers",
-                                        "--steps", "6"])
-    assert out.exit_code == 0, out.output
-    assert "identical answers: 2/2" in out.output
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from sudoku_reference import pattern_noise, reference_evaluate
+
+    pairs = sd.test_set(2)
+    model = portable_dg.load(sd.default_model_path())
+    ours = sd.evaluate(model, pairs, noise=pattern_noise(model.config.vocab_size), greedy=True,
+                       max_denoising_steps=6)
+    theirs = reference_evaluate(sd.default_model_path(), pairs, max_denoising_steps=6)
+    assert ours.answers == theirs.answers and ours.mean_steps == theirs.mean_steps
 
 
 def test_training_loss_decreases():

@@ -166,3 +166,23 @@ def test_bad_input_cli(tmp_path):
     small_vocab = runner.invoke(main, ["synth", str(tmp_path / "y"), "--like", "tiny", "--vocab", "100"])
     assert small_vocab.exit_code == 1 and "--vocab must be at least 512" in small_vocab.output
     assert not (tmp_path / "y").exists()
+
+
+def test_cli_progress_in_a_log(tmp_path):
+    """Off a terminal, `pdg synth` reports the bytes written as plain lines."""
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "s"), "--like", "tiny"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("synth s (tiny): 0 B of ")
+    assert "(100%)" in lines[-1] and lines[-1].endswith(", done")
+
+
+@pytest.mark.parametrize("target, quant", [("gguf", "Q8_0"), ("mlx", "q8"), ("torch", "fp8")])
+def test_synthetic_marker_survives_conversion(tmp_path, target, quant):
+    pytest.importorskip({"gguf": "ggml", "mlx": "mlx.core", "torch": "torch"}[target])
+    src = synth.write_synthetic(tmp_path / "src", "tiny", dtype="f32")
+    out = tmp_path / ("out.gguf" if target == "gguf" else "out")
+    result = CliRunner().invoke(main, ["convert", str(src), str(out), "--to", target, "--quant", quant])
+    assert result.exit_code == 0, result.output
+    assert portable_dg.source.open_source(out).metadata["synthetic"] is True
+    assert "SYNTHETIC" in CliRunner().invoke(main, ["info", str(out)]).stdout.splitlines()[0]

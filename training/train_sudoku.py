@@ -83,8 +83,8 @@ def build_model(text: dict | None = None, seed: int = 0):
 
 
 def write_tokenizer(directory: Path) -> None:
-    """tokenizer.json (word level, one token per character, decodes to plain digits) and
-    tokenizer_config.json."""
+    """tokenizer.json (word level, one token per character, decodes to plain digits),
+    tokenizer_config.json and the bundled model's chat template (a puzzle in a user message)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     vocab = {token: i for i, token in enumerate(sudoku.VOCAB)}
@@ -98,6 +98,7 @@ def write_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<bos>", eos_token="<eos>",
         pad_token="<pad>", sep_token="<sep>", unk_token="<pad>", model_max_length=256), indent=2) + "\n")
+    shutil.copyfile(sudoku.default_model_path() / "chat_template.jinja", directory / "chat_template.jinja")
 
 
 def save_checkpoint(model, out: Path) -> None:

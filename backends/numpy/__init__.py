@@ -61,7 +61,10 @@ class NumpyBackend:
         flat = logits.reshape(-1, logits.shape[-1])                               # [R, V]
         out = np.empty((flat.shape[0], table.shape[1]), self.dtype)
         for rows in row_chunks(flat):
-            out[rows] = self.softmax(flat[rows]).astype(self.dtype) @ table
+            probs = flat[rows] - flat[rows].max(axis=-1, keepdims=True)          # softmax, one temporary
+            np.exp(probs, out=probs)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            out[rows] = probs.astype(self.dtype, copy=False) @ table
         return out.reshape(*logits.shape[:-1], table.shape[1])
 
     def expert_linear(self, x: np.ndarray, w: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -136,7 +139,13 @@ class NumpyBackend:
         return np.multiply(x, cap, out=x)
 
     def top_k(self, x: np.ndarray, k: int):
-        ids = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        if 8 * k < x.shape[-1]:      # a vocabulary: partition (O(V)), then order the k: largest, then lowest id
+            part = np.argpartition(-x, k - 1, axis=-1)[..., :k]
+            values = np.take_along_axis(x, part, axis=-1)
+            order = np.lexsort((part, -values), axis=-1)
+            ids = np.take_along_axis(part, order, axis=-1)
+        else:
+            ids = np.argsort(-x, axis=-1, kind="stable")[..., :k]
         return np.take_along_axis(x, ids, axis=-1), ids
 
     def take(self, vector: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -172,7 +181,8 @@ class NumpyBackend:
             z = x - x.max(axis=-1, keepdims=True)
             e = np.exp(z)
             total = e.sum(axis=-1, keepdims=True)
-            entropy[rows] = (np.log(total) - (e * z).sum(axis=-1, keepdims=True) / total)[:, 0]
+            z *= e                                             # e * z, in place (two temporaries a chunk)
+            entropy[rows] = (np.log(total) - z.sum(axis=-1, keepdims=True) / total)[:, 0]
             if u is not None:                                  # inverse CDF: first index with cdf > u * total
                 cdf = np.cumsum(e, axis=-1, out=e)
                 target = u[rows].astype(cdf.dtype)[:, None] * cdf[:, -1:]

@@ -62,10 +62,10 @@ def token_stats(logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[to
     z = logits - logits.amax(-1, keepdim=True)
     e = torch.exp(z)
     total = e.sum(-1)
-    entropy = torch.log(total) - (e * z).sum(-1) / total
+    entropy = torch.log(total) - z.mul_(e).sum(-1) / total                     # e * z in place
     if uniforms is None:
         return argmax, entropy, argmax
-    cdf = torch.cumsum(e, dim=-1)
+    cdf = e.cumsum_(-1)
     target = uniforms.float()[:, None] * cdf[:, -1:]
     return argmax, entropy, torch.clamp((cdf <= target).sum(-1), max=logits.shape[-1] - 1)
 

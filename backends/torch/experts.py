@@ -50,11 +50,12 @@ def scatter_rows(y: torch.Tensor, groups: ExpertGroups, T: int, k: int) -> torch
 
 
 def grouped_kernel_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on CPU for any float dtype and on CUDA (sm80+) for bf16."""
+    """torch._grouped_mm runs on CPU for any float dtype (eagerly: its compile-time shape rules
+    take bf16 only) and on CUDA (sm80+) for bf16."""
     if not hasattr(torch, "_grouped_mm") or a.dtype != b.dtype:
         return False
     if a.device.type == "cpu":
-        return True
+        return a.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return (a.device.type == "cuda" and a.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(a.device) >= (8, 0))
 

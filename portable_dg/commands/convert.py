@@ -1,15 +1,17 @@
-"""`pdg convert`: write a checkpoint in another format (GGUF now; MLX and torch formats register here)."""
+"""`pdg convert`: write a checkpoint in another format (GGUF file, MLX directory, FP8 directory).
+
+Progress goes to stderr (a bar on a terminal, plain lines in a log); the output appears only when
+complete."""
 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
 from ..errors import ConfigError
 
-# target format -> "module:function(src, out, quant, *, imatrix, progress)"
+# target format -> "module:function(src, out, quant, *, imatrix, ...)"
 CONVERTERS = {
     "gguf": "portable_dg.converters.gguf:convert_to_gguf",
     "mlx": "portable_dg.converters.mlx:convert_to_mlx",
@@ -23,7 +25,7 @@ CONVERTERS = {
 @click.option("--to", "target", required=True, type=click.Choice(sorted(CONVERTERS)), help="Output format.")
 @click.option("--quant", default="F16", show_default=True,
               help="GGUF: F32, F16, BF16, Q8_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M. "
-                   "MLX: none, bf16, f16, q4, q6, q8 or mxfp4.")
+                   "MLX: none, bf16, f16, q4, q6, q8 or mxfp4. torch: fp8.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Importance matrix (.npz from `pdg imatrix`) for the quantized types.")
 @click.option("--group-size", type=int, default=None,
@@ -31,13 +33,17 @@ CONVERTERS = {
 @click.option("--mix", type=click.Choice(["portable", "mlx-vlm"]), default=None,
               help="MLX: 'portable' (default) keeps the router projection and self-conditioning MLP "
                    "in float; 'mlx-vlm' quantizes them as the mlx-community files do.")
+@click.option("--force", is_flag=True, help="GGUF: replace OUT if it exists (MLX and torch outputs are "
+                                            "directories, which are never replaced).")
 def convert(src: str, out: str, target: str, quant: str, imatrix: str | None, group_size: int | None,
-            mix: str | None) -> None:
+            mix: str | None, force: bool) -> None:
     """Convert the checkpoint SRC (directory or hub repo id) to OUT."""
     if (group_size is not None or mix is not None) and target != "mlx":
         raise ConfigError("--group-size and --mix apply to --to mlx only")
-    extra = {"group_size": group_size, "mix": mix or "portable"} if target == "mlx" else {}
+    if force and target != "gguf":
+        raise ConfigError(f"--force replaces an existing file; --to {target} writes a directory, which is "
+                          "never replaced (remove it first)")
+    extra = {"mlx": {"group_size": group_size, "mix": mix or "portable"}, "gguf": {"force": force}}.get(target, {})
     module, func = CONVERTERS[target].split(":")
-    path = getattr(importlib.import_module(module), func)(src, out, quant.upper(), imatrix=imatrix,
-                                                          progress=sys.stderr.isatty(), **extra)
+    path = getattr(importlib.import_module(module), func)(src, out, quant.upper(), imatrix=imatrix, **extra)
     click.echo(f"wrote {path}")

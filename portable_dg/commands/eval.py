@@ -18,7 +18,7 @@ import click
 @click.option("--canvases", type=int, default=1, show_default=True, help="Canvases per prompt.")
 @click.option("--steps", type=int, default=None,
               help="Max denoising steps per canvas (default: the reference's generation config).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema portable_dg.eval/1).")
 def eval_command(model_path: str, reference_path: str, backend: str, reference_backend: str, prompts: int,
                  prompt_len: int, canvases: int, steps: int | None, seed: int, as_json: bool) -> None:
@@ -27,5 +27,5 @@ def eval_command(model_path: str, reference_path: str, backend: str, reference_b
     from ..evaluate import EvalSettings, evaluate, format_report
 
     settings = EvalSettings(prompts=prompts, prompt_len=prompt_len, canvases=canvases, steps=steps, seed=seed)
-    report = evaluate(model_path, reference_path, backend, reference_backend, settings)
+    report = evaluate(model_path, reference_path, backend, reference_backend, settings, progress=True)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

@@ -59,7 +59,8 @@ class DraftView:
 
 @click.command()
 @click.option("--model", "model_path", default=None,
-              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled model).")
+              help="Checkpoint directory, .gguf file or hub repo id (default: the bundled Sudoku model, "
+                   "whose chat template takes a prompt holding an 81-character puzzle).")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, numpy, ggml, mlx or torch (auto: GGUF -> ggml, MLX on Apple Silicon -> mlx, "
                    "CUDA -> torch, else the best CPU path).")
@@ -72,25 +73,61 @@ class DraftView:
 @click.option("--think", is_flag=True, help="Enable the thinking mode of the chat template.")
 @click.option("--max-new-tokens", type=int, default=None, help="Rounded up to whole canvases.")
 @click.option("--steps", type=int, default=None, help="Maximum denoising steps per canvas.")
-@click.option("--seed", type=int, default=None, help="Seed for noise and sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for noise and sampling.")
 @click.option("--greedy", is_flag=True, help="Take the argmax instead of sampling.")
 @click.option("--ids", "print_ids", is_flag=True, help="Print the generated token ids.")
 @click.option("--show-drafts", is_flag=True, help="Show the canvas as it is denoised.")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False), default=None,
+              help="Constrain the output to JSON valid under this JSON Schema file.")
+@click.option("--json-object", is_flag=True, help="Constrain the output to a JSON object.")
+@click.option("--regex", default=None, help="Constrain the output to match this regular expression.")
+@click.option("--grammar", type=click.Path(dir_okay=False), default=None,
+              help="Constrain the output to this context-free grammar file (Lark or GBNF).")
 def generate(model_path, backend, device, dtype, prompt, ids, chat, think, max_new_tokens, steps, seed,
-             greedy, print_ids, show_drafts):
+             greedy, print_ids, show_drafts, json_schema, json_object, regex, grammar):
     """Generate from a prompt by block diffusion."""
     import portable_dg
 
-    if model_path is None:
+    if model_path is None:     # the bundled Sudoku model: its chat template refuses a prompt without a puzzle
         from ..sudoku import default_model_path
         model_path = default_model_path()
     options = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     model = portable_dg.load(model_path, backend=backend, **options)
     ids_in = prompt_ids(model, prompt, ids, chat, think)
+    constraint = constraint_options(json_schema, json_object, regex, grammar)
     out = portable_dg.generate(model, ids_in, max_new_tokens=max_new_tokens, max_denoising_steps=steps,
-                               seed=seed, greedy=greedy, on_step=DraftView(model) if show_drafts else None)
+                               seed=seed, greedy=greedy, on_step=DraftView(model) if show_drafts else None,
+                               **constraint)
     if print_ids:
         click.echo(",".join(map(str, out.ids)))
     if out.text is not None and not print_ids:
         click.echo(out.text)
-    click.echo(f"[{len(out.ids)} tokens, {len(out.steps)} canvas(es), steps {out.steps}]", err=True)
+    status = "" if out.completed is None else (", constraint complete" if out.completed else
+                                               ", constraint INCOMPLETE: the budget ended mid-structure")
+    click.echo(f"[{len(out.ids)} tokens, {len(out.steps)} canvas(es), steps {out.steps}{status}]", err=True)
+
+
+def constraint_options(json_schema: str | None, json_object: bool, regex: str | None,
+                       grammar: str | None) -> dict:
+    """generate's constraint keywords from the CLI options (files read, one-line errors)."""
+    import json
+
+    given = [name for name, v in (("--json-schema", json_schema), ("--json-object", json_object),
+                                  ("--regex", regex), ("--grammar", grammar)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"give at most one of {', '.join(given)}")
+    if json_schema:
+        try:
+            with open(json_schema, encoding="utf-8") as f:
+                return {"json_schema": json.load(f)}
+        except OSError as e:
+            raise ConfigError(f"{json_schema}: cannot read ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{json_schema}: invalid JSON ({e})") from None
+    if grammar:
+        try:
+            with open(grammar, encoding="utf-8") as f:
+                return {"grammar": f.read()}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{grammar}: cannot read ({e})") from None
+    return {"json_object": True} if json_object else ({"regex": regex} if regex else {})

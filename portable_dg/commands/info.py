@@ -9,10 +9,11 @@ from typing import Any
 import click
 
 from ..config import FULL
+from ..progress import format_bytes
 
 
 def human(n: float) -> str:
-    """1234567 -> '1.23 M'."""
+    """A count: 1234567 -> '1.23 M'."""
     for unit in ("", " K", " M", " B", " T"):
         if abs(n) < 1000:
             return f"{n:.3g}{unit}"
@@ -21,15 +22,13 @@ def human(n: float) -> str:
 
 
 def tensor_types(tensors) -> Counter:
-    """Histogram of storage types (quantized qtype, or numpy dtype)."""
+    """Histogram of storage types (a quantized tensor's qtype, else the stored or numpy dtype),
+    read without loading anything when the tensors are lazy."""
     types: Counter = Counter()
-    refs = getattr(tensors, "refs", None)  # HF: count stored dtypes without reading anything
+    refs = getattr(tensors, "refs", None)
     for name in tensors:
-        if refs is not None:
-            types[refs[name].dtype] += 1
-        else:
-            value = tensors[name]
-            types[getattr(value, "qtype", None) or str(getattr(value, "dtype", "?"))] += 1
+        value = refs[name] if refs is not None else tensors[name]
+        types[getattr(value, "qtype", None) or str(getattr(value, "dtype", "?"))] += 1
     return types
 
 
@@ -50,7 +49,7 @@ def describe(source) -> dict[str, Any]:
         "experts": {"count": cfg.num_experts, "top_k": cfg.top_k_experts,
                     "width": cfg.moe_intermediate_size},
         "canvas_length": cfg.canvas_length,
-        "tensor_types": dict(tensor_types(source.tensors)),
+        "tensor_types": dict(tensor_types(source.tensors)),   # of the canonical tensors; a GGUF file's own below
         "quantization": source.metadata.get("quantization"),
         "tokenizer": None if source.tokenizer is None else {
             "kind": source.tokenizer.kind, "vocab_size": source.tokenizer.vocab_size,
@@ -86,14 +85,29 @@ def info(model_path, as_json):
     ex = data["experts"]
     click.echo(f"  experts        {ex['count']} x width {ex['width']}, top-{ex['top_k']}")
     click.echo(f"  canvas         {data['canvas_length']} tokens")
-    click.echo("  tensors        " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tensor_types"].items())))
-    if "file" in data:
+    if "file" in data:       # a GGUF file: the types of the tensors it stores (rope_freqs included)
         f = data["file"]
-        click.echo(f"  file           {human(f['file_size'])}B, {f['bits_per_weight']:.2f} bits per weight; "
-                   + ", ".join(f"{k}: {v['tensors']}" for k, v in f["types"].items()))
+        click.echo("  tensors        " + ", ".join(f"{k}: {v['tensors']}" for k, v in f["types"].items()))
+        click.echo(f"  file           {format_bytes(f['file_size'])}, {f['bits_per_weight']:.2f} bits per weight")
+    else:
+        click.echo("  tensors        " + ", ".join(f"{k}: {v}" for k, v in sorted(data["tensor_types"].items())))
     if data["quantization"]:
-        click.echo(f"  quantization   {json.dumps(data['quantization'])}")
+        click.echo(f"  quantization   {quantization_summary(data['quantization'])}")
     tok = data["tokenizer"]
     click.echo("  tokenizer      " + ("none" if tok is None else
                f"{tok['kind']}, {tok['vocab_size']} tokens, chat template: {'yes' if tok['chat_template'] else 'no'}"))
     click.echo("  generation     " + ", ".join(f"{k}={v}" for k, v in data["generation"].items()))
+
+
+def quantization_summary(q: dict[str, Any]) -> str:
+    """One line for a quantization block: compressed-tensors' scheme in words, MLX's as JSON."""
+    if q.get("quant_method") != "compressed-tensors":
+        return json.dumps(q)
+    parts = []
+    for group in (q.get("config_groups") or {}).values():
+        w, a = group.get("weights") or {}, group.get("input_activations") or {}
+        text = f"weights {w.get('num_bits')}-bit {w.get('type')} per {w.get('strategy')}"
+        if a:
+            text += f", activations per {a.get('strategy')} ({'dynamic' if a.get('dynamic') else 'static'})"
+        parts.append(text)
+    return f"compressed-tensors {q.get('format')}: " + "; ".join(parts) + f"; kept: {', '.join(q.get('ignore') or [])}"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 
@@ -14,9 +12,10 @@ import click
               help="F32, F16, BF16, Q8_0, Q4_0, Q3_K, Q4_K, Q5_K, Q6_K, Q4_K_M or Q5_K_M.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Importance matrix (.npz from `pdg imatrix`).")
-def quantize(src: str, out: str, quant: str, imatrix: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def quantize(src: str, out: str, quant: str, imatrix: str | None, force: bool) -> None:
     """Requantize the GGUF file SRC (F32/F16/BF16/Q8_0 matrices) to OUT."""
     from ..converters.gguf import requantize_gguf
 
-    path = requantize_gguf(src, out, quant.upper(), imatrix=imatrix, progress=sys.stderr.isatty())
+    path = requantize_gguf(src, out, quant.upper(), imatrix=imatrix, force=force)
     click.echo(f"wrote {path}")

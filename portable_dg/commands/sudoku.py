@@ -2,7 +2,8 @@
 
 stdout gets the answer as one line of 81 digits (0 where the canvas holds no digit); the puzzle, the
 board and the verdict go to stderr.  The exit status is 1 when the answer breaks a Sudoku rule or a
-given, and for `--eval` when `--compare` finds the two implementations disagreeing.
+given.  (The comparison with transformers is `bench/sudoku_matrix.py`: it patches transformers,
+which the runtime never does.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 import click
 
 from ..errors import ConfigError
+
+MAX_EVAL = 10_000     # puzzles are generated on the fly: 10k easy ones take about 2 minutes to make
 
 
 def board(grid) -> str:
@@ -44,31 +47,28 @@ def draft_printer(stream=None):
 @click.argument("puzzle", required=False)
 @click.option("--model", "model_path", default=None, help="Sudoku checkpoint (default: the bundled model).")
 @click.option("--backend", default="numpy", show_default=True, help="numpy, ggml, mlx or torch.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the sampler, and of the generated puzzle when none is given.")
 @click.option("--difficulty", type=click.Choice(["easy", "medium", "hard"]), default="easy",
               show_default=True, help="Givens of generated puzzles: easy 40-50, medium 32-39, hard 26-31.")
 @click.option("--steps", type=int, default=None, help="Maximum denoising steps (default: the model's, 48).")
 @click.option("--show-drafts", is_flag=True, help="Print the canvas after every denoising step.")
 @click.option("--eval", "eval_n", type=int, default=None,
-              help="Score the model on the first N puzzles of the held-out test set instead.")
+              help=f"Score the model on the first N puzzles (at most {MAX_EVAL:,}) of the held-out test set instead.")
 @click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
               help="With --eval: the held-out test set, or the validation set sampler settings are tuned on.")
-@click.option("--compare", type=click.Choice(["transformers"]), default=None,
-              help="With --eval: also run the transformers reference; both sides deterministic.")
-def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, eval_n, split, compare):
+def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, eval_n, split):
     """Solve PUZZLE (81 characters, 1-9 and 0 or . for blanks; default: a generated one)."""
     import portable_dg
     from .. import sudoku as sd
 
-    if compare and eval_n is None:
-        raise ConfigError("--compare needs --eval N")
     if eval_n is not None and puzzle is not None:
         raise ConfigError("give a PUZZLE or --eval N, not both")
     path = model_path or sd.default_model_path()
     model = portable_dg.load(path, backend=backend)
     if eval_n is not None:
-        sys.exit(run_eval(model, path, eval_n, split, difficulty, seed, steps, compare))
+        run_eval(model, eval_n, split, difficulty, seed, steps)
+        return
     if puzzle is None:
         puzzle = sd.grid_text(sd.puzzles(seed, 1, difficulty)[0][0])
     grid = sd.parse_puzzle(puzzle)
@@ -86,31 +86,22 @@ def sudoku(puzzle, model_path, backend, seed, difficulty, steps, show_drafts, ev
     sys.exit(1)
 
 
-def run_eval(model, path, n: int, split: str, difficulty: str, seed: int, steps: int | None,
-             compare: str | None) -> int:
-    """Print the scores on the first n puzzles of a split ("test" or "validation"); returns the
-    exit status."""
+def run_eval(model, n: int, split: str, difficulty: str, seed: int, steps: int | None) -> None:
+    """Print the scores on the first n puzzles of a split ("test" or "validation").  Progress
+    (puzzles made, puzzles solved) goes to stderr."""
     from .. import sudoku as sd
+    from ..progress import Progress
 
-    if n <= 0:
-        raise ConfigError(f"--eval needs a positive number of puzzles, got {n}")
-    pairs = (sd.test_set if split == "test" else sd.validation_set)(n, difficulty)
+    if not 0 < n <= MAX_EVAL:
+        raise ConfigError(f"--eval takes 1 to {MAX_EVAL} puzzles, got {n}")
+    with Progress(n, f"making {split} puzzles", "puzzle") as bar:
+        pairs = []
+        for pair in sd.iter_puzzles(sd.SPLIT_SEEDS[split], n, difficulty):
+            pairs.append(pair)
+            bar.update(1)
     givens = [int((p > 0).sum()) for p, _ in pairs]
     click.echo(f"{split} set: {n} {difficulty} puzzles, {min(givens)}-{max(givens)} givens "
                f"(mean {sum(givens) / n:.1f})", err=True)
-    options = dict(max_denoising_steps=steps)
-    if compare is None:
-        with click.progressbar(length=n, label="solving", file=sys.stderr) as bar:
-            ours = sd.evaluate(model, pairs, seed=seed, progress=lambda i: bar.update(1), **options)
-        click.echo(f"portable_dg ({model.backend.name}, seed {seed}): {ours.summary()}")
-        return 0
-    noise = sd.pattern_noise(model.config.vocab_size)
-    with click.progressbar(length=n, label="portable_dg", file=sys.stderr) as bar:
-        ours = sd.evaluate(model, pairs, noise=noise, greedy=True, progress=lambda i: bar.update(1), **options)
-    with click.progressbar(length=n, label="transformers", file=sys.stderr) as bar:
-        ref = sd.reference_evaluate(path, pairs, max_denoising_steps=steps, progress=lambda i: bar.update(1))
-    agree = sum(a == b for a, b in zip(ours.answers, ref.answers))
-    click.echo(f"portable_dg (deterministic): {ours.summary()}")
-    click.echo(f"transformers (deterministic): {ref.summary()}")
-    click.echo(f"identical answers: {agree}/{n}")
-    return 0 if agree == n and ours.mean_steps == ref.mean_steps else 1
+    with Progress(n, "solving", "puzzle") as bar:
+        ours = sd.evaluate(model, pairs, seed=seed, max_denoising_steps=steps, progress=bar.update)
+    click.echo(f"portable_dg ({model.backend.name}, seed {seed}): {ours.summary()}")

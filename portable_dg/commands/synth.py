@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -18,7 +17,7 @@ from ..synth import CONFIG_FORMS, PRESETS, describe, write_synthetic
 @click.option("--layers", type=int, default=None, help="Number of layers (5 sliding : 1 full, last full).")
 @click.option("--vocab", type=int, default=None, help="Vocabulary size (>= 512).")
 @click.option("--dtype", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--config-form", type=click.Choice(CONFIG_FORMS), default="transformers", show_default=True,
               help="config.json with per_layer_config (transformers 5.23) or global_head_dim (released).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written (JSON) and write nothing.")
@@ -33,5 +32,5 @@ def synth(out: str, like: str, layers: int | None, vocab: int | None, dtype: str
         click.echo(json.dumps(plan, indent=2))
         return
     path = write_synthetic(out, like, layers=layers, vocab=vocab, dtype=dtype, seed=seed,
-                           form=config_form, progress=sys.stderr.isatty())
+                           form=config_form, progress=True)
     click.echo(f"wrote synthetic checkpoint ({like}, {dtype}) to {path}")

@@ -429,6 +429,59 @@ def test_absurd_sizes_are_not_allocated(gguf_of, tmp_path):
     (tmp_path / "dims.gguf").write_bytes(data[:dims_at] + struct.pack("<Q", 1 << 40) + data[dims_at + 8:])
     with pytest.raises(FormatError):
         read_gguf(tmp_path / "dims.gguf")
+    # its second dimension overwritten with 0xFFFFFFFF: a row count no file can hold
+    rows_at = dims_at + 8
+    (tmp_path / "ffff.gguf").write_bytes(data[:rows_at] + struct.pack("<Q", 0xFFFFFFFF) + data[rows_at + 8:])
+    with pytest.raises(FormatError, match=f"truncated: tensor {first.parts[1].tobytes().decode()} needs bytes"):
+        read_gguf(tmp_path / "ffff.gguf")
+
+
+@pytest.fixture(scope="module")
+def synthetic_gguf(tmp_path_factory) -> Path:
+    """`pdg synth --like tiny` (a byte-level tokenizer of 512 tokens) as a Q8_0 GGUF."""
+    from portable_dg.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    return convert_to_gguf(write_synthetic(root / "tiny", "tiny", dtype="f32"), root / "tiny.gguf", "Q8_0",
+                           progress=False)
+
+
+def field_offset(data: bytes, key: str) -> int:
+    """Byte offset of a metadata key's length prefix."""
+    name = key.encode()
+    return data.index(struct.pack("<Q", len(name)) + name)
+
+
+def test_array_lengths_are_bounded_before_reading(synthetic_gguf, tmp_path):
+    """An array whose length is absurd (8 bytes lost before it, or overwritten) is refused at
+    once, from its claimed size, instead of being walked item by item."""
+    data = synthetic_gguf.read_bytes()
+    at = field_offset(data, "tokenizer.ggml.tokens")
+    count_at = at + 8 + len("tokenizer.ggml.tokens") + 4 + 4
+    for name, damaged in {
+        "lost8": data[:at - 8] + data[at:],                                   # the previous value lost 8 bytes
+        "count": data[:count_at] + struct.pack("<Q", 1 << 61) + data[count_at + 8:],
+    }.items():
+        (tmp_path / f"{name}.gguf").write_bytes(damaged)
+        with pytest.raises(FormatError, match="corrupt or truncated GGUF file"):
+            read_gguf(tmp_path / f"{name}.gguf")
+        with pytest.raises(FormatError):
+            describe_gguf(tmp_path / f"{name}.gguf")
+
+
+def test_synthetic_marker_and_info(synthetic_gguf):
+    from click.testing import CliRunner
+
+    from portable_dg.cli import main
+
+    assert read_gguf(synthetic_gguf).metadata["synthetic"] is True
+    lines = CliRunner().invoke(main, ["info", str(synthetic_gguf)]).stdout.splitlines()
+    assert "SYNTHETIC" in lines[0]
+    assert [line.split()[0] for line in lines if line.split()[0] in ("tensors", "file")] == ["tensors", "file"]
+    tensors = next(line for line in lines if line.startswith("  tensors"))
+    assert tensors.split(None, 1)[1] == "Q8_0: 38, F32: 59"                   # the file's own types, once
+    size = next(line for line in lines if line.startswith("  file")).split()[1:3]
+    assert size[1].rstrip(",") in ("KB", "MB") and "BB" not in " ".join(lines)
 
 
 # --- tokenizer in the metadata -----------------------------------------------------------------
@@ -437,14 +490,20 @@ def write_gemma_style_tokenizer(path: Path) -> None:
     """A small byte-fallback BPE tokenizer.json shaped like Gemma's, with its chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
 
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    trainer = trainers.BpeTrainer(vocab_size=150, special_tokens=specials, show_progress=False)
+    trained.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 + ["diffusion gemma"] * 20,
+                                trainer)
+    spec = json.loads(trained.to_str())["model"]
+    vocab = spec["vocab"]                             # Gemma keeps its 256 byte tokens in the model's vocabulary
+    vocab.update({f"<0x{i:02X}>": len(vocab) + i for i in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in spec["merges"]], byte_fallback=True,
+                               unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50 + ["diffusion gemma"] * 20,
-                            trainer)
-    tok.add_special_tokens([AddedToken("<|turn>", special=True, normalized=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + ["<|turn>"]])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<bos>", "eos_token": "<eos>", "chat_template": "{{ bos_token }}{% for m in messages %}"
@@ -464,7 +523,9 @@ def test_tokenizer_and_template_travel_in_the_metadata(k256_dir, tmp_path):
     path = convert_to_gguf(src, tmp_path / "tok.gguf", "Q8_0", progress=False)
     fields = decode_fields(open_gguf(path))
     assert fields["tokenizer.ggml.model"] == "gemma4" and fields["tokenizer.ggml.bos_token_id"] == 2
-    assert fields["tokenizer.ggml.token_type"][fields["tokenizer.ggml.tokens"].index("<|turn>")] == 3
+    # an added special token beyond the model's vocabulary that tokenizer_config.json does not name
+    assert fields["tokenizer.ggml.token_type"][fields["tokenizer.ggml.tokens"].index("<|turn>")] == 4
+    assert fields["tokenizer.ggml.token_type"][fields["tokenizer.ggml.tokens"].index("<bos>")] == 3
     original = Tokenizer.from_directory(src)
     text = "the lazy fox: diffusion gemma ünïcödé <|turn>"
     rebuilt = tokenizer_from_metadata({k: v for k, v in fields.items() if k != HF_JSON}, "test")

@@ -4,6 +4,7 @@ quality on the torch backend (emulated on CPU) and on numpy, and bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -17,7 +18,7 @@ import portable_dg  # noqa: E402
 from portable_dg.checkpoint import open_checkpoint  # noqa: E402
 from portable_dg.converters import torch_fp8  # noqa: E402
 from portable_dg.converters.torch_fp8 import QUANTIZED, convert_fp8, convert_to_torch  # noqa: E402
-from portable_dg.errors import CheckpointError, ConfigError, FormatError  # noqa: E402
+from portable_dg.errors import CheckpointError, ConfigError, FormatError, OutputError  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 
@@ -79,27 +80,60 @@ def test_e4m3_table_matches_torch():
     np.testing.assert_array_equal(torch_fp8.E4M3_VALUES, codes)
 
 
-def test_layout(sharp, sharp_fp8):
+def test_layout_is_redhat_fp8_dynamic(sharp, sharp_fp8):
+    """Per-expert Linears, FP8 codes + a float32 scale per output row, everything else bf16, and a
+    quantization config vLLM's CompressedTensorsConfig reads."""
     refs = open_checkpoint(sharp_fp8)
     source = open_checkpoint(sharp)
-    quantized = [n for n in source if QUANTIZED.search(n)]
-    assert any("experts.gate_up_proj" in n for n in quantized)
+    quantized = [n for n in source if QUANTIZED.search(n) and ".experts." not in n]
     for name in quantized:
         module = name.removesuffix(".weight")
         codes, scale = refs[module + ".weight"], refs[module + ".weight_scale"]
         assert (codes.dtype, codes.shape) == ("F8_E4M3", source[name].shape)
         assert (scale.dtype, scale.shape) == ("F32", (*source[name].shape[:-1], 1))
+    E, I, H = 4, 32, 64                                                           # tiny "a"
+    for i in range(4):
+        layer = f"model.decoder.layers.{i}.experts."
+        assert not any(n.startswith((layer + "gate_up_proj", layer + "down_proj")) for n in refs)
+        for e in range(E):
+            for proj, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+                codes, scale = refs[f"{layer}{e}.{proj}_proj.weight"], refs[f"{layer}{e}.{proj}_proj.weight_scale"]
+                assert (codes.dtype, codes.shape, scale.dtype, scale.shape) == ("F8_E4M3", shape, "F32", (shape[0], 1))
     kept = [n for n in refs if not n.endswith((".weight_scale",)) and refs[n].dtype != "F8_E4M3"]
     assert {refs[n].dtype for n in kept} == {"BF16"}
     assert any("router.proj" in n for n in kept) and any("self_conditioning.gate_proj" in n for n in kept)
+    assert {n for n in refs if ".vision_tower." in n or ".embed_vision." in n} == {   # vLLM builds the tower
+        n for n in open_checkpoint(sharp) if ".vision_tower." in n or ".embed_vision." in n} != set()
     config = json.loads((sharp_fp8 / "config.json").read_text())
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "compressed-tensors"
+    assert (qc["quant_method"], qc["format"], qc["config_groups"]["group_0"]["targets"]) == (
+        "compressed-tensors", "float-quantized", ["Linear"])
     assert qc["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
-    assert qc["portable_dg"]["source"] == str(sharp)
+    assert qc["config_groups"]["group_0"]["input_activations"] == {
+        "num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+        "block_structure": None, "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {}}
+    assert config["portable_dg_conversion"]["source"] == str(sharp)
     index = json.loads((sharp_fp8 / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(refs)
     assert [p.name for p in sharp_fp8.parent.iterdir()] == [sharp_fp8.name]     # no temporary left
+
+
+def test_ignore_list_matches_kept_modules_by_vllm_rules(sharp_fp8):
+    """vLLM matches `ignore` with re.match against its own module names (after mapping
+    model.decoder. -> model., model.encoder.vision_tower. -> vision_tower.); each kept Linear
+    must match, no quantized one may."""
+    import re
+
+    ignore = json.loads((sharp_fp8 / "config.json").read_text())["quantization_config"]["ignore"]
+
+    def ignored(module: str) -> bool:
+        return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
+    for module in ("lm_head", "model.layers.3.router.proj", "self_conditioning.gate_proj",
+                   "vision_tower.encoder.layers.0.self_attn.q_proj.linear", "embed_vision.embedding_projection"):
+        assert ignored(module), module
+    for module in ("model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+                   "model.layers.1.mlp.gate_up_proj", "model.layers.1.mlp.down_proj", "model.layers.2.experts"):
+        assert not ignored(module), module
 
 
 def test_codes_round_to_nearest_within_half_a_step(sharp, sharp_fp8):
@@ -148,28 +182,27 @@ def test_bfloat16_compute_with_fp8_weights(sharp, sharp_fp8):
     assert kl <= FP8_KL and top5 >= FP8_TOP5, (kl, top5)
 
 
-def unfuse_experts(src: Path, dst: Path) -> None:
-    """Rewrite our fused FP8 file in RedHatAI's layout: experts.{e}.{gate,up,down}_proj, per-expert scales."""
+def fuse_experts(src: Path, dst: Path) -> None:
+    """Rewrite the per-expert FP8 file with stacked, fused experts (the layout earlier versions of
+    the converter wrote): experts.gate_up_proj.weight [E, 2I, H] and .weight_scale [E, 2I, 1]."""
     dst.mkdir()
-    config = json.loads((src / "config.json").read_text())
-    moe = config["text_config"]["moe_intermediate_size"]
-    tensors = {}
-    for name, ref in open_checkpoint(src).items():
-        data = ref.raw()
-        m = name.rsplit(".experts.", 1)
-        if len(m) == 2 and m[1].startswith(("gate_up_proj", "down_proj")):
-            proj, part = m[1].split(".", 1)
-            for e in range(data.shape[0]):
-                if proj == "down_proj":
-                    tensors[f"{m[0]}.experts.{e}.down_proj.{part}"] = np.array(data[e])
-                else:
-                    tensors[f"{m[0]}.experts.{e}.gate_proj.{part}"] = np.array(data[e, :moe])
-                    tensors[f"{m[0]}.experts.{e}.up_proj.{part}"] = np.array(data[e, moe:])
+    refs = open_checkpoint(src)
+    tensors: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    experts: dict[tuple[str, str], dict[int, dict[str, np.ndarray]]] = {}
+    for name, ref in refs.items():
+        m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.(weight|weight_scale)", name)
+        if m is None:
+            tensors[name], dtypes[name] = np.array(ref.raw()), ref.dtype
         else:
-            tensors[name] = np.array(data)
-    dtypes = {n: r.dtype for n, r in open_checkpoint(src).items()}
-    write_raw_safetensors(dst / "model.safetensors", tensors,
-                          lambda n: dtypes.get(n, "F8_E4M3" if n.endswith("_proj.weight") else "F32"))
+            experts.setdefault((m[1], m[4]), {}).setdefault(int(m[2]), {})[m[3]] = np.array(ref.raw())
+    for (layer, part), by_expert in experts.items():
+        ordered = [by_expert[e] for e in sorted(by_expert)]
+        for fused, parts in (("gate_up_proj", ("gate", "up")), ("down_proj", ("down",))):
+            name = f"{layer}.{fused}.{part}"
+            tensors[name] = np.stack([np.concatenate([e[p] for p in parts]) for e in ordered])
+            dtypes[name] = "F8_E4M3" if part == "weight" else "F32"
+    write_raw_safetensors(dst / "model.safetensors", tensors, dtypes.__getitem__)
     shutil.copy(src / "config.json", dst / "config.json")
 
 
@@ -187,14 +220,14 @@ def write_raw_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype_of) 
             f.write(np.ascontiguousarray(a).tobytes())
 
 
-def test_unfused_per_expert_layout_is_restacked(sharp_fp8, tmp_path):
-    unfused = tmp_path / "unfused"
-    unfuse_experts(sharp_fp8, unfused)
-    assert "model.decoder.layers.0.experts.3.up_proj.weight_scale" in open_checkpoint(unfused)
-    fused_source, unfused_source = (portable_dg.source.open_source(p) for p in (sharp_fp8, unfused))
+def test_fused_expert_layout_reads_the_same(sharp_fp8, tmp_path):
+    fused = tmp_path / "fused"
+    fuse_experts(sharp_fp8, fused)
+    assert "model.decoder.layers.0.experts.gate_up_proj.weight_scale" in open_checkpoint(fused)
+    per_expert, stacked = (portable_dg.source.open_source(p) for p in (sharp_fp8, fused))
     name = "model.decoder.layers.2.experts.gate_up_proj"
-    np.testing.assert_array_equal(unfused_source.tensors[name].dequantize(), fused_source.tensors[name].dequantize())
-    np.testing.assert_array_equal(three_passes(portable_dg.load(unfused, backend="torch")),
+    np.testing.assert_array_equal(per_expert.tensors[name].dequantize(), stacked.tensors[name].dequantize())
+    np.testing.assert_array_equal(three_passes(portable_dg.load(fused, backend="torch")),
                                   three_passes(portable_dg.load(sharp_fp8, backend="torch")))
 
 
@@ -202,8 +235,10 @@ def test_converter_refuses_bad_targets(tiny_dir, sharp_fp8, tmp_path):
     src = tiny_dir("a")
     with pytest.raises(ConfigError, match="refusing to overwrite"):
         convert_fp8(src, src, progress=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already exists"):
-        convert_fp8(src, tmp_path, progress=False)
+        convert_fp8(src, tmp_path / "taken", progress=False)
     with pytest.raises(ConfigError, match="already quantized"):
         convert_fp8(sharp_fp8, tmp_path / "again", progress=False)
     with pytest.raises(ConfigError, match="--quant fp8"):
@@ -214,7 +249,7 @@ def test_failed_conversion_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
     def fail(w):
         raise OSError("disk full")
     monkeypatch.setattr(torch_fp8, "quantize_rows", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="out: cannot write: disk full; nothing was written"):
         convert_fp8(tiny_dir("a"), tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -255,3 +290,14 @@ def test_bad_fp8_files(sharp_fp8, tmp_path):
     (truncated / "model.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         portable_dg.source.open_source(truncated)
+
+
+def test_info_describes_fp8_output(sharp_fp8):
+    from click.testing import CliRunner
+
+    from portable_dg.cli import main
+
+    result = CliRunner().invoke(main, ["info", str(sharp_fp8)])
+    assert result.exit_code == 0, result.output
+    assert "fp8_e4m3: " in result.stdout and "compressed-tensors float-quantized: weights 8-bit float per channel" \
+        in result.stdout
