@@ -27,15 +27,16 @@ graphs.  A ggml built with Vulkan, CUDA or Metal is used when present (`device="
 from __future__ import annotations
 
 import ctypes
-import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from portable_dg.backends.numpy import NumpyBackend, row_chunks
 from portable_dg.errors import BackendUnavailable, CheckpointError, ConfigError
+from portable_dg.threads import default_threads
 
 # The tied embedding: read row by row (embedding, soft lookup), so never repacked.
 EMBEDDING = "model.decoder.embed_tokens.weight"
@@ -63,6 +64,7 @@ class GgmlBackend(NumpyBackend):
         self.graphs = graphs
         self.vectors: dict[str, Any] = {}            # name -> DeviceWeight of a vector (graph constant)
         self.traces: OrderedDict = OrderedDict()     # the step's ggml graphs by shape (graph.GraphStep)
+        self.blas_threads = blas_controller()
 
     # --- weights --------------------------------------------------------------------------------
     def weight(self, name: str, value: Any) -> Any:
@@ -131,6 +133,14 @@ class GgmlBackend(NumpyBackend):
         return (self.engine.is_cpu and rows >= self.blas_min_tokens and not w.repacked
                 and (w.ggml_type == ggml.GGML_TYPE_F32 or not self.engine.int8_dot))
 
+    def products_in_ggml(self, network: Any, rows: int) -> bool:
+        """Whether any weight product of a pass over `rows` tokens runs in ggml (not numpy's BLAS);
+        stacked experts see rows * k / E tokens each."""
+        cfg = network.config
+        per_expert = rows * cfg.top_k_experts // cfg.num_experts
+        return any(not self.blas_route(w, per_expert if len(w.shape) == 3 else rows)
+                   for name, w in network.weights.items() if name != EMBEDDING and len(getattr(w, "shape", ())) > 1)
+
     def token_stats(self, logits: np.ndarray, uniforms: np.ndarray | None):
         """The reference's token statistics, row blocks split over the threads (numpy releases the
         GIL in its loops; rows are independent, so the results are the reference's)."""
@@ -162,7 +172,8 @@ class GgmlBackend(NumpyBackend):
         x = self.check_input(x, w).reshape(-1, w.shape[-1])                      # tokens [T, in]
         T, out = x.shape[0], w.shape[0]
         if self.blas_route(w, T):                                  # dequantized tiles through BLAS
-            y = np.concatenate([x @ self.float_rows(w, a, b).T for a, b in tiles(w, out)], axis=1)
+            with self.blas():
+                y = np.concatenate([x @ self.float_rows(w, a, b).T for a, b in tiles(w, out)], axis=1)
         else:
             y = self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
         return y.reshape(*lead, out)
@@ -178,10 +189,11 @@ class GgmlBackend(NumpyBackend):
         total = np.concatenate([np.exp(flat[rows] - peak[rows]).sum(axis=-1, keepdims=True)
                                 for rows in row_chunks(flat)])
         out = np.zeros((flat.shape[0], H), np.float32)
-        for start, stop in tiles(table, V):
-            probs = np.exp(flat[:, start:stop] - peak)
-            probs /= total
-            out += probs @ self.float_rows(table, start, stop)
+        with self.blas():
+            for start, stop in tiles(table, V):
+                probs = np.exp(flat[:, start:stop] - peak)
+                probs /= total
+                out += probs @ self.float_rows(table, start, stop)
         return out.reshape(*logits.shape[:-1], H)
 
     def expert_linear(self, x: np.ndarray, w: Any, ids: np.ndarray) -> np.ndarray:
@@ -198,11 +210,19 @@ class GgmlBackend(NumpyBackend):
             b = x[:, None, :] if x.ndim == 2 else x                     # [T, 1 or k, in]
             return self.engine.run(ggml.ggml_mul_mat_id, [w, b, ids], (T, k, out), work=T * k * out * w.shape[-1])
         y = np.empty((T, k, out), np.float32)
-        for e in used:                               # group tokens by expert: one GEMM per expert
-            t, j = np.nonzero(ids == e)
-            rows = x[t] if x.ndim == 2 else x[t, j]  # [n, in]
-            y[t, j] = rows @ self.float_rows(w, int(e) * out, (int(e) + 1) * out).T
+        with self.blas():
+            for e in used:                           # group tokens by expert: one GEMM per expert
+                t, j = np.nonzero(ids == e)
+                rows = x[t] if x.ndim == 2 else x[t, j]  # [n, in]
+                y[t, j] = rows @ self.float_rows(w, int(e) * out, (int(e) + 1) * out).T
         return y
+
+    def blas(self) -> Any:
+        """numpy's BLAS limited to this backend's threads inside the block (threadpoolctl, when
+        installed: more BLAS threads than idle cores wait on each other, see `portable_dg.threads`)."""
+        if self.blas_threads is None:
+            return nullcontext()
+        return self.blas_threads.limit(limits=self.n_threads, user_api="blas")
 
     def float_rows(self, w: Any, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 of w flattened to [rows, in] as float32: a view of the host memory
@@ -243,7 +263,8 @@ def create(n_threads: int | None = None, device: str = "auto", blas_min_tokens: 
     """Backend factory used by `portable_dg.backends.get_backend`.
 
     Args:
-        n_threads: CPU threads for ggml (default: every core this process may run on).
+        n_threads: CPU threads for ggml and the BLAS products (default: the cores this process may
+            run on that other work leaves idle now, `portable_dg.threads.default_threads`).
         device: "cpu", "auto" (the best device the installed ggml provides: Vulkan/CUDA/Metal when
             built with them) or a ggml device name such as "Vulkan0".
         blas_min_tokens: products over at least this many rows run as dequantized tiles through
@@ -259,7 +280,7 @@ def create(n_threads: int | None = None, device: str = "auto", blas_min_tokens: 
                                  "pip install 'portable-dg[ggml]'") from None
     from .engine import Engine
 
-    threads = n_threads or usable_cores()
+    threads = n_threads or default_threads()
     if threads < 1 or blas_min_tokens < 1:
         raise ConfigError("ggml backend: n_threads and blas_min_tokens must be positive")
     try:
@@ -269,8 +290,10 @@ def create(n_threads: int | None = None, device: str = "auto", blas_min_tokens: 
     return GgmlBackend(engine, threads, blas_min_tokens, graphs=bool(graphs))
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. under taskset or a container)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def blas_controller() -> Any:
+    """threadpoolctl's controller of this process's BLAS libraries, or None without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()

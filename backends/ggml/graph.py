@@ -768,7 +768,9 @@ class GraphWeights(Mapping):
 
 
 class GraphStep:
-    """`fn(network, frame, state, knobs)` traced into ggml graphs and replayed (module docstring).
+    """`fn(network, frame, state, knobs)` traced into ggml graphs and replayed (module docstring),
+    when some of the step's products run in ggml; when every product takes numpy's BLAS route
+    (float32 weights, or types without an int8 kernel here, at enough rows) the step runs op by op.
     Traces live in the backend's cache (`traces`, the TRACE_CACHE most recent), keyed by the step
     function's name and the shapes of its inputs, so later engines and canvases with the same
     shapes replay them.  Results are numpy arrays, like the per-op path's."""
@@ -787,6 +789,8 @@ class GraphStep:
             self.network = network
             self.traced_network = DiffusionGemma(network.config, GraphWeights(network.weights, self.backend.vectors,
                                                                               self), self.ops)
+        if not self.backend.products_in_ggml(network, int(np.prod(state.canvas.shape))):
+            return self.fn(network, frame, state, knobs)        # all BLAS: the graphs would only add segments
         if state.soft is None:       # zeros condition nothing (see the module docstring): one trace
             state = dataclasses.replace(state, soft=np.zeros((*state.canvas.shape, network.config.hidden_size),
                                                              np.float32))
