@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_dg.backends.numpy import NumpyBackend, row_chunks
+from portable_dg.backends.numpy import NumpyBackend
 from portable_dg.errors import BackendUnavailable, CheckpointError, ConfigError
 from portable_dg.threads import default_threads
 
@@ -142,12 +142,13 @@ class GgmlBackend(NumpyBackend):
                    for name, w in network.weights.items() if name != EMBEDDING and len(getattr(w, "shape", ())) > 1)
 
     def token_stats(self, logits: np.ndarray, uniforms: np.ndarray | None):
-        """The reference's token statistics, row blocks split over the threads (numpy releases the
-        GIL in its loops; rows are independent, so the results are the reference's)."""
+        """The reference's token statistics, blocks of rows split over the threads (numpy releases
+        the GIL in its loops; rows are independent, so the results are the reference's); each
+        block's temporaries hold at most TILE_VALUES values."""
         V = logits.shape[-1]
         flat = logits.reshape(-1, V)
         u = None if uniforms is None else np.asarray(uniforms).reshape(-1)
-        step = -(-flat.shape[0] // self.n_threads)
+        step = max(1, min(-(-flat.shape[0] // self.n_threads), TILE_VALUES // V))   # temporaries [step, V]
         parts = list(self.pool.map(lambda a: NumpyBackend.token_stats(
             self, flat[a:a + step], None if u is None else u[a:a + step]), range(0, flat.shape[0], step)))
         return tuple(np.concatenate(column).reshape(logits.shape[:-1]) for column in zip(*parts))
@@ -172,8 +173,10 @@ class GgmlBackend(NumpyBackend):
         x = self.check_input(x, w).reshape(-1, w.shape[-1])                      # tokens [T, in]
         T, out = x.shape[0], w.shape[0]
         if self.blas_route(w, T):                                  # dequantized tiles through BLAS
+            y = np.empty((T, out), np.float32)
             with self.blas():
-                y = np.concatenate([x @ self.float_rows(w, a, b).T for a, b in tiles(w, out)], axis=1)
+                for a, b in tiles(w, out):
+                    y[:, a:b] = x @ self.float_rows(w, a, b).T
         else:
             y = self.engine.run(ggml.ggml_mul_mat, [w, x], (T, out), work=T * out * x.shape[1])
         return y.reshape(*lead, out)
@@ -186,8 +189,9 @@ class GgmlBackend(NumpyBackend):
             raise ConfigError(f"{table.name}: logits over {logits.shape[-1]} tokens, the table has {V}")
         flat = np.ascontiguousarray(logits.reshape(-1, V), np.float32)             # [R, V]
         peak = flat.max(axis=-1, keepdims=True)
-        total = np.concatenate([np.exp(flat[rows] - peak[rows]).sum(axis=-1, keepdims=True)
-                                for rows in row_chunks(flat)])
+        total = np.zeros_like(peak)
+        for start, stop in tiles(table, V):                                          # temporaries [R, tile]
+            total += np.exp(flat[:, start:stop] - peak).sum(axis=-1, keepdims=True)
         out = np.zeros((flat.shape[0], H), np.float32)
         with self.blas():
             for start, stop in tiles(table, V):

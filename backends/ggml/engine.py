@@ -73,7 +73,7 @@ def file_backed(a: np.ndarray) -> bool:
     while base is not None:
         if isinstance(base, mmap.mmap):
             return True
-        base = getattr(base, "base", None)
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     return False
 
 

@@ -172,10 +172,11 @@ def host(x: Any) -> Any:
 
 
 class Segment:
-    """One allocated graph of a trace, the tensors it leaves valid (its outputs), and the leaf
-    tensors later segments read those outputs through (tensor address -> alias)."""
+    """One graph of a trace (while recording: a graph of its own; once planned: a range of the
+    trace's whole graph), the tensors it leaves valid (its outputs), and the leaf tensors later
+    segments read those outputs through (tensor address -> alias)."""
 
-    def __init__(self, graph: Any, outputs: set[int], aliases: dict[int, Any]):
+    def __init__(self, graph: Any, outputs: dict[int, Any], aliases: dict[int, Any]):
         self.graph, self.outputs, self.aliases = graph, outputs, aliases
 
 
@@ -185,8 +186,11 @@ class Trace:
 
     def __init__(self, engine: Any, ops: "GraphOps"):
         self.engine, self.ops = engine, ops
-        self.allocators: list[Any] = []  # one per segment: its graph's memory, kept between steps
+        self.allocators: list[Any] = []  # the graphs' memory: one per segment while recording, then one
         weakref.finalize(self, free_allocators, self.allocators)
+        self.produced: dict[int, int] = {}   # output (or alias) address -> index of its segment
+        self.late: set[int] = set()      # outputs read after a later segment ran (kept apart when planned)
+        self.whole: Any = None           # the planned graph of every segment, in order
         self.frame_serial: int | None = None
         self.ctx = self.context(ggml.ggml_tensor_overhead() * TRACE_TENSORS)
         self.tape: list[tuple[tuple, tuple[Any, ...]]] = []
@@ -261,8 +265,10 @@ class Trace:
         address = ctypes.addressof(x.tensor.contents)
         if address not in self.ready:
             self.run_segment(address)
+        elif self.produced.get(address, self.segment_cursor - 1) < self.segment_cursor - 1:
+            self.late.add(address)
         out = self.engine.read(x.tensor, x.shape, np.int32 if x.dtype.kind == "i" else np.float32)
-        return out.astype(np.int64) if out.dtype == np.int32 else out
+        return out.astype(np.int64) if out.dtype == np.int32 else out.copy()
 
     def run_segment(self, wanted: int) -> None:
         """Compute the segment that makes tensor `wanted`: recording, the graph of every lazy array
@@ -275,15 +281,18 @@ class Trace:
         if self.segment_cursor >= len(self.segments) or wanted not in self.segments[self.segment_cursor].outputs:
             raise Diverged("segment")
         segment = self.segments[self.segment_cursor]
-        self.segment_cursor += 1
         self.flush()
         self.engine.compute(segment.graph)
-        self.ready |= segment.outputs
+        self.ready |= segment.outputs.keys()
         for x in live:
             alias = segment.aliases.get(ctypes.addressof(x.tensor.contents))
             if alias is not None:
                 x.tensor = alias
                 self.ready.add(ctypes.addressof(alias.contents))
+        if self.recording:
+            for address in segment.outputs.keys() | {ctypes.addressof(a.contents) for a in segment.aliases.values()}:
+                self.produced.setdefault(address, self.segment_cursor)
+        self.segment_cursor += 1
 
     def build_segment(self, live: list[Lazy]) -> Segment:
         """A graph whose outputs are the live lazy arrays (and the tensors their views read)."""
@@ -305,7 +314,7 @@ class Trace:
             raise RuntimeError("ggml could not allocate the step's graph")
         self.builds += 1
         aliases = {address: self.alias(t) for address, t in outputs.items() if t.contents.op != ggml.GGML_OP_NONE}
-        return Segment(graph, set(outputs), aliases)
+        return Segment(graph, outputs, aliases)
 
     def alias(self, t: Any) -> Any:
         """A leaf tensor over the memory of computed tensor t (same type, shape and strides)."""
@@ -314,6 +323,53 @@ class Trace:
             leaf.contents.nb[i] = t.contents.nb[i]
         ggml.ggml_backend_tensor_alloc(t.contents.buffer, leaf, t.contents.data)
         return leaf
+
+    def plan(self) -> None:
+        """After the recording step: place every segment in one graph with one allocation, so that
+        memory is shared across the step (a segment's buffer no longer outlives it).  The aliases
+        become views of the tensors they stand for (so the whole graph sees the dependency), and
+        outputs stay untouched only when frame inputs or read after a later segment ran."""
+        tensors = []
+        t = ggml.ggml_get_first_tensor(self.ctx)
+        while t:
+            tensors.append(t)
+            t = ggml.ggml_get_next_tensor(self.ctx, t)
+        free_allocators(self.allocators)
+        self.allocators.clear()
+        aliases = {ctypes.addressof(a.contents): segment.outputs[address]
+                   for segment in self.segments for address, a in segment.aliases.items()}
+        by_address = {ctypes.addressof(t.contents): t for t in tensors}
+        kept = set()                                 # late reads, and the memory their views read
+        for address in self.late:
+            t = aliases.get(address, by_address.get(address))
+            while t:
+                kept.add(ctypes.addressof(t.contents))
+                t = t.contents.view_src
+        for t in tensors:
+            c = t.contents
+            c.buffer, c.data = None, None
+            source = aliases.get(ctypes.addressof(c))
+            if source is not None:                   # a leaf over a computed tensor -> a view of it
+                c.op, c.src[0] = ggml.GGML_OP_VIEW, source
+                c.view_src = source.contents.view_src or source
+                c.view_offs = source.contents.view_offs if source.contents.view_src else 0
+            elif c.flags & ggml.GGML_TENSOR_FLAG_OUTPUT and not c.flags & ggml.GGML_TENSOR_FLAG_INPUT \
+                    and ctypes.addressof(c) not in kept:
+                c.flags &= ~ggml.GGML_TENSOR_FLAG_OUTPUT
+        size = len(tensors) + 4096
+        self.whole = ggml.ggml_new_graph_custom(self.context(ggml.ggml_graph_overhead_custom(size, False)), size, False)
+        bounds = [0]
+        for segment in self.segments:               # its outputs, then the views numpy reads them through
+            for t in list(segment.outputs.values()) + list(segment.aliases.values()):
+                ggml.ggml_build_forward_expand(self.whole, t)
+            bounds.append(ggml.ggml_graph_n_nodes(self.whole))
+        allocator = ggml.ggml_gallocr_new(self.engine.buffer_type)
+        self.allocators.append(allocator)
+        if not ggml.ggml_gallocr_alloc_graph(allocator, self.whole):
+            raise RuntimeError("ggml could not allocate the step's graph")
+        for segment, start, stop in zip(self.segments, bounds, bounds[1:]):
+            segment.graph = ggml.ggml_graph_view(self.whole, start, stop)
+        self.frame_serial = None                     # the frame inputs moved: copy them again
 
     def flush(self) -> None:
         """Copy the pending inputs whose tensors are allocated (later segments' stay pending)."""
@@ -810,6 +866,7 @@ class GraphStep:
         trace = Trace(self.backend.engine, self.ops)
         self.recordings += 1
         result = self.run(trace, frame, state, knobs)
+        trace.plan()
         traces[key] = trace
         return result
 
