@@ -23,10 +23,10 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def cpu_times(cpus: set[int]) -> tuple[int, int] | None:
+def cpu_times(cpus: set[int], stat: str = "/proc/stat") -> tuple[int, int] | None:
     """(busy, total) jiffies summed over `cpus` from /proc/stat, or None where there is none."""
     try:
-        with open("/proc/stat") as f:
+        with open(stat) as f:
             lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
     except OSError:
         return None

@@ -53,6 +53,12 @@ def free_allocators(allocators: list[Any]) -> None:
         ggml.ggml_gallocr_free(allocator)
 
 
+def free_buffers(buffers: list[Any]) -> None:
+    """Free backend buffers."""
+    for buffer in buffers:
+        ggml.ggml_backend_buffer_free(buffer)
+
+
 class Diverged(Exception):
     """A replayed step asked for an op the tape does not hold."""
 
@@ -188,6 +194,9 @@ class Trace:
         self.engine, self.ops = engine, ops
         self.allocators: list[Any] = []  # the graphs' memory: one per segment while recording, then one
         weakref.finalize(self, free_allocators, self.allocators)
+        self.buffers: list[Any] = []     # while recording: the copies of values that cross segments
+        weakref.finalize(self, free_buffers, self.buffers)
+        self.carried: set[int] = set()   # addresses of those copies
         self.produced: dict[int, int] = {}   # output (or alias) address -> index of its segment
         self.late: set[int] = set()      # outputs read after a later segment ran (kept apart when planned)
         self.whole: Any = None           # the planned graph of every segment, in order
@@ -273,7 +282,8 @@ class Trace:
     def run_segment(self, wanted: int) -> None:
         """Compute the segment that makes tensor `wanted`: recording, the graph of every lazy array
         still referenced; replaying, the next recorded segment.  Afterwards the referenced arrays
-        read their values through leaf aliases, so that later graphs do not compute them again."""
+        read their values through leaf aliases, so that later graphs do not compute them again
+        (recording: copies in buffers of their own, and the segment's memory is freed)."""
         live = [x for x in (ref() for ref in self.live) if x is not None]
         self.live.clear()
         if self.recording:
@@ -284,6 +294,8 @@ class Trace:
         self.flush()
         self.engine.compute(segment.graph)
         self.ready |= segment.outputs.keys()
+        if self.recording:
+            self.carry(segment, live)
         for x in live:
             alias = segment.aliases.get(ctypes.addressof(x.tensor.contents))
             if alias is not None:
@@ -295,7 +307,8 @@ class Trace:
         self.segment_cursor += 1
 
     def build_segment(self, live: list[Lazy]) -> Segment:
-        """A graph whose outputs are the live lazy arrays (and the tensors their views read)."""
+        """A graph whose outputs are the live lazy arrays (and the tensors their views read), in
+        memory of its own until `carry` copies them out."""
         outputs: dict[int, Any] = {}
         for x in live:
             t = x.tensor
@@ -313,16 +326,26 @@ class Trace:
         if not ggml.ggml_gallocr_alloc_graph(allocator, graph):
             raise RuntimeError("ggml could not allocate the step's graph")
         self.builds += 1
-        aliases = {address: self.alias(t) for address, t in outputs.items() if t.contents.op != ggml.GGML_OP_NONE}
-        return Segment(graph, outputs, aliases)
+        return Segment(graph, outputs, {})
 
-    def alias(self, t: Any) -> Any:
-        """A leaf tensor over the memory of computed tensor t (same type, shape and strides)."""
-        leaf = ggml.ggml_new_tensor(self.ctx, t.contents.type, 4, t.contents.ne)
-        for i in range(4):
-            leaf.contents.nb[i] = t.contents.nb[i]
-        ggml.ggml_backend_tensor_alloc(t.contents.buffer, leaf, t.contents.data)
-        return leaf
+    def carry(self, segment: Segment, live: list[Lazy]) -> None:
+        """Recording: copy the live arrays the segment's memory holds into leaf tensors of their own
+        (the segment's aliases), then free that memory."""
+        for x in live:
+            t = x.tensor
+            address = ctypes.addressof(t.contents)
+            if address in segment.aliases or address in self.carried or not t.contents.data:
+                continue
+            leaf = ggml.ggml_new_tensor(self.ctx, t.contents.type, 4, t.contents.ne)
+            for i in range(4):
+                leaf.contents.nb[i] = t.contents.nb[i]
+            buffer = ggml.ggml_backend_buft_alloc_buffer(self.engine.buffer_type, ggml.ggml_nbytes(t))
+            self.buffers.append(buffer)
+            ggml.ggml_backend_tensor_alloc(buffer, leaf, ggml.ggml_backend_buffer_get_base(buffer))
+            ggml.ggml_backend_tensor_copy(t, leaf)
+            segment.aliases[address] = leaf
+            self.carried.add(ctypes.addressof(leaf.contents))
+        ggml.ggml_gallocr_free(self.allocators.pop())
 
     def plan(self) -> None:
         """After the recording step: place every segment in one graph with one allocation, so that
@@ -336,6 +359,8 @@ class Trace:
             t = ggml.ggml_get_next_tensor(self.ctx, t)
         free_allocators(self.allocators)
         self.allocators.clear()
+        free_buffers(self.buffers)
+        self.buffers.clear()
         aliases = {ctypes.addressof(a.contents): segment.outputs[address]
                    for segment in self.segments for address, a in segment.aliases.items()}
         by_address = {ctypes.addressof(t.contents): t for t in tensors}
