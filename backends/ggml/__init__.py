@@ -264,7 +264,7 @@ def dequantize_into(w: Any, start: int, stop: int, out: np.ndarray) -> None:
 
 
 def create(n_threads: int | None = None, device: str = "auto", blas_min_tokens: int = BLAS_MIN_TOKENS,
-           graphs: bool = True, repack: bool = True, **options: Any) -> GgmlBackend:
+           graphs: bool | None = None, repack: bool = True, **options: Any) -> GgmlBackend:
     """Backend factory used by `portable_dg.backends.get_backend`.
 
     Args:
@@ -274,7 +274,9 @@ def create(n_threads: int | None = None, device: str = "auto", blas_min_tokens: 
             built with them) or a ggml device name such as "Vulkan0".
         blas_min_tokens: products over at least this many rows run as dequantized tiles through
             numpy's BLAS on the CPU device (per-op path); a huge value keeps every product in ggml.
-        graphs: run the denoising step as whole ggml graphs (False: op by op).
+        graphs: run the denoising step as whole ggml graphs (False: op by op; default: on the CPU
+            device only: on Vulkan (lavapipe) the graphs' passes match the reference, but whole
+            generations crashed intermittently inside ggml-vulkan, see the README).
         repack: repack the weight types ggml's CPU backend has interleaved kernels for."""
     if options:
         raise ConfigError(f"ggml backend: unknown option(s) {', '.join(sorted(options))}")
@@ -293,7 +295,7 @@ def create(n_threads: int | None = None, device: str = "auto", blas_min_tokens: 
     except RuntimeError as e:
         raise BackendUnavailable(f"ggml backend: {e}") from None
     fixed_mmap_threshold()
-    return GgmlBackend(engine, threads, blas_min_tokens, graphs=bool(graphs))
+    return GgmlBackend(engine, threads, blas_min_tokens, graphs=engine.is_cpu if graphs is None else bool(graphs))
 
 
 def fixed_mmap_threshold() -> None:

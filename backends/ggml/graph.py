@@ -329,8 +329,11 @@ class Trace:
         return Segment(graph, outputs, {})
 
     def carry(self, segment: Segment, live: list[Lazy]) -> None:
-        """Recording: copy the live arrays the segment's memory holds into leaf tensors of their own
-        (the segment's aliases), then free that memory."""
+        """Recording: the live arrays the segment's memory holds as leaf tensors (the segment's
+        aliases).  On the CPU they are copies in buffers of their own and the segment's memory is
+        freed; on other devices they stay where they are until `plan` (freeing a Vulkan buffer
+        between graphs corrupted memory on lavapipe)."""
+        copy = self.engine.is_cpu
         for x in live:
             t = x.tensor
             address = ctypes.addressof(t.contents)
@@ -339,13 +342,17 @@ class Trace:
             leaf = ggml.ggml_new_tensor(self.ctx, t.contents.type, 4, t.contents.ne)
             for i in range(4):
                 leaf.contents.nb[i] = t.contents.nb[i]
-            buffer = ggml.ggml_backend_buft_alloc_buffer(self.engine.buffer_type, ggml.ggml_nbytes(t))
-            self.buffers.append(buffer)
-            ggml.ggml_backend_tensor_alloc(buffer, leaf, ggml.ggml_backend_buffer_get_base(buffer))
-            ggml.ggml_backend_tensor_copy(t, leaf)
+            if copy:
+                buffer = ggml.ggml_backend_buft_alloc_buffer(self.engine.buffer_type, ggml.ggml_nbytes(t))
+                self.buffers.append(buffer)
+                ggml.ggml_backend_tensor_alloc(buffer, leaf, ggml.ggml_backend_buffer_get_base(buffer))
+                ggml.ggml_backend_tensor_copy(t, leaf)
+            else:
+                ggml.ggml_backend_tensor_alloc(t.contents.buffer, leaf, t.contents.data)
             segment.aliases[address] = leaf
             self.carried.add(ctypes.addressof(leaf.contents))
-        ggml.ggml_gallocr_free(self.allocators.pop())
+        if copy:
+            ggml.ggml_gallocr_free(self.allocators.pop())
 
     def plan(self) -> None:
         """After the recording step: place every segment in one graph with one allocation, so that
@@ -644,8 +651,9 @@ class GraphOps:
                        lambda ctx: ggml.ggml_mul_mat_id(ctx, w.tensor, b.tensor, ids.tensor), 3)
 
     def soft_embedding(self, logits: Any, table: DeviceWeight) -> Lazy:
-        """softmax(logits) @ table: the table's rows dequantized tile by tile to float32, each tile
-        transposed and multiplied in ggml, the tiles' products summed (temporaries [rows, tile])."""
+        """softmax(logits) @ table: the table's rows dequantized tile by tile to float32 (ggml's row
+        gather, which every device has for every type), each tile transposed and multiplied in
+        ggml, the tiles' products summed (temporaries [rows, tile])."""
         from . import TILE_VALUES
 
         V, H = table.shape
@@ -658,23 +666,22 @@ class GraphOps:
         lead = x.shape[:-1]
         R = int(np.prod(lead, dtype=np.int64))
         flat = self.reshape(x, (R, V))
-        row_bytes = table.tensor.contents.nb[1]
+        step = max(TILE_ROWS, TILE_VALUES // H // TILE_ROWS * TILE_ROWS)
+        spans = [(a, min(V, a + step)) for a in range(0, V, step)]
+        ids = [self.trace.input(np.arange(a, b, dtype=np.int32), frame=True) for a, b in spans]   # constants
 
         def build(ctx: Any) -> Any:
             probs = ggml.ggml_soft_max(ctx, flat.tensor)                                   # ne [V, R]
             out = None
-            step = max(TILE_ROWS, TILE_VALUES // H // TILE_ROWS * TILE_ROWS)
-            for start, stop in ((a, min(V, a + step)) for a in range(0, V, step)):
-                rows = ggml.ggml_view_2d(ctx, table.tensor, H, stop - start, row_bytes, start * row_bytes)
-                if table.ggml_type != F32:
-                    rows = ggml.ggml_cast(ctx, rows, F32)                                  # ne [H, n]
-                rows_t = ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, rows))              # ne [n, H]
+            for (start, stop), index in zip(spans, ids):
+                tile = ggml.ggml_get_rows(ctx, table.tensor, index.tensor)                 # ne [H, n] F32
+                tile_t = ggml.ggml_cont(ctx, ggml.ggml_transpose(ctx, tile))              # ne [n, H]
                 p = ggml.ggml_cont(ctx, ggml.ggml_view_2d(ctx, probs, stop - start, R, probs.contents.nb[1],
                                                           start * 4))                     # ne [n, R]
-                part = ggml.ggml_mul_mat(ctx, rows_t, p)                                   # ne [H, R]
+                part = ggml.ggml_mul_mat(ctx, tile_t, p)                                   # ne [H, R]
                 out = part if out is None else ggml.ggml_add(ctx, out, part)
             return out
-        out = self.op("soft_embedding", [flat, table], build, 2)
+        out = self.op("soft_embedding", [flat, table, *ids], build, 2)
         return self.reshape(out, (*lead, H))
 
     # --- elementwise, norms, attention ------------------------------------------------------------
