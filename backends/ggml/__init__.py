@@ -27,7 +27,6 @@ graphs.  A ggml built with Vulkan, CUDA or Metal is used when present (`device="
 from __future__ import annotations
 
 import ctypes
-import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -294,23 +293,7 @@ def create(n_threads: int | None = None, device: str = "auto", blas_min_tokens: 
         engine = Engine(threads, device, repack=bool(repack))
     except RuntimeError as e:
         raise BackendUnavailable(f"ggml backend: {e}") from None
-    fixed_mmap_threshold()
     return GgmlBackend(engine, threads, blas_min_tokens, graphs=engine.is_cpu if graphs is None else bool(graphs))
-
-
-def fixed_mmap_threshold() -> None:
-    """glibc: allocations of 128 KiB and more always get their own mappings, returned on free.
-    By default glibc raises that threshold to the size of the largest block freed (up to 32 MiB),
-    so the step's buffers, once freed, stay resident in its heap (measured on `mini` Q4_K_M: peak
-    820 MiB against 681 with the fixed threshold).  Elsewhere nothing to do."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 128 * 1024)                  # M_MMAP_THRESHOLD (fixes it: no dynamic raise)
 
 
 def blas_controller() -> Any:

@@ -306,11 +306,16 @@ def test_graph_passes_match_numpy_on_every_type(qtype):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
 def test_graph_with_blas_products_matches_per_op(qtype):
     """With BLAS products between graph segments (blas_min_tokens=1) the graphs give the per-op
-    path's logits up to float32 rounding (the same tiles, the same kernels)."""
+    path's logits: to float32 rounding when every product takes BLAS (Q8_0 here), and to the
+    noise of ggml's 8-bit activation rounding where repacked Q4_K kernels run in ggml between
+    them (the graphs' float32 attention rounds differently from numpy's)."""
     graphs = pass_logits(synthetic_model(create(n_threads=2, device="cpu", blas_min_tokens=1), qtype))
     per_op = pass_logits(synthetic_model(create(n_threads=2, device="cpu", blas_min_tokens=1, graphs=False),
                                          qtype))
-    np.testing.assert_allclose(graphs, per_op, atol=1e-3, rtol=1e-3)
+    if qtype == "Q8_0":
+        np.testing.assert_allclose(graphs, per_op, atol=1e-3, rtol=1e-3)
+    kl, top1 = kl_and_top1(per_op, graphs)
+    assert kl < 1e-4 and top1 == 1.0, (kl, top1)
 
 
 def step_graph(model):
