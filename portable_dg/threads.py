@@ -2,8 +2,8 @@
 
 A thread count equal to the number of cores (llama.cpp's default) collapses when another process
 holds a core: ggml's graph threads and the BLAS threads wait for each other at every barrier, and
-the one sharing a core runs a fraction of the time (measured in bench/RESULTS.md: a step 1.4-2.1x
-slower than on one thread).  `default_threads` counts the cores that were idle over a short window
+the one sharing a core runs a fraction of the time (bench/RESULTS.md: steps 1.3 to 2 times slower
+than on the idle cores alone).  `default_threads` counts the cores that were idle over a short window
 instead (Linux: /proc/stat of the cores this process may use; elsewhere the load average).
 """
 
