@@ -51,7 +51,8 @@ def best_time(f: Callable[[], object], repeat: int) -> float:
 
 def graph_soft_embedding(backend: Any, logits: np.ndarray, w: Any) -> Callable[[], np.ndarray]:
     """The soft embedding as the step's graphs run it (a ggml graph of float32 tiles), replayed."""
-    from .graph import GraphOps, Trace
+    from .graph_ops import GraphOps
+    from .trace import Trace
 
     ops = GraphOps(backend)
     ops.trace = Trace(backend.engine, ops)
