@@ -68,7 +68,8 @@ class PlannedTensor:
 
 
 def convert_to_gguf(src: str | Path, out: str | Path, quant: str = "F16", *,
-                    imatrix: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
+                    imatrix: str | Path | None = None, force: bool = False, progress: bool = True,
+                    threads: int | None = None) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint directory to one GGUF file.
 
     Args:
@@ -79,6 +80,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, quant: str = "F16", *,
             Q6_K, Q4_K_M, Q5_K_M).
         imatrix: an importance matrix (.npz from `pdg imatrix`) for the quantized types.
         progress: report progress on stderr (bytes written).
+        threads: rows quantized at once (default: every usable core).
     Returns: the output path."""
     from portable_dg.checkpoint import check_tensors, open_checkpoint, resolve_model_path, sanitize
     from portable_dg.source import read_configs
@@ -104,7 +106,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, quant: str = "F16", *,
     if importance and not any(t.imatrix is not None for t in planned):
         raise ConfigError(f"{imatrix}: the importance matrix has no entry for any quantized tensor of {src} "
                           "(made for another model?)")
-    return write_gguf(out, ARCH, metadata, planned, sources=[src], force=force, progress=progress)
+    return write_gguf(out, ARCH, metadata, planned, sources=[src], force=force, progress=progress, threads=threads)
 
 
 def _ordered(refs: Mapping[str, Any], cfg: DiffusionGemmaConfig) -> list[tuple[str, Any]]:
@@ -211,9 +213,10 @@ def model_metadata(cfg: DiffusionGemmaConfig, gen: GenerationConfig, name: str,
 
 def write_gguf(out: str | Path, arch: str, metadata: Mapping[str, tuple[str, Any]],
                planned: list[PlannedTensor], *, sources: Sequence[Path] = (), force: bool = False,
-               progress: bool = True) -> Path:
-    """Write metadata and tensors with gguf-py's GGUFWriter, one tensor at a time, to a temporary
-    file next to `out`, then rename it (see `portable_dg.outputs.output_file`)."""
+               progress: bool = True, threads: int | None = None) -> Path:
+    """Write metadata and tensors with gguf-py's GGUFWriter, one tensor at a time (its rows
+    quantized on `threads` threads, default every usable core), to a temporary file next to
+    `out`, then rename it (see `portable_dg.outputs.output_file`)."""
     from gguf import GGUFValueType, GGUFWriter, GGMLQuantizationType
 
     out = Path(out)
@@ -232,7 +235,8 @@ def write_gguf(out: str | Path, arch: str, metadata: Mapping[str, tuple[str, Any
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in planned:
-                writer.write_tensor_data(quantize_rows(t.rows, t.shape, t.qtype, t.imatrix, on_rows=bar.update))
+                writer.write_tensor_data(quantize_rows(t.rows, t.shape, t.qtype, t.imatrix, on_rows=bar.update,
+                                                       threads=threads))
         finally:
             with contextlib.suppress(OSError):    # a full disk fails the flush again; the write's error counts
                 writer.close()
@@ -240,7 +244,7 @@ def write_gguf(out: str | Path, arch: str, metadata: Mapping[str, tuple[str, Any
 
 
 def requantize_gguf(src: str | Path, out: str | Path, quant: str, *, imatrix: str | Path | None = None,
-                    force: bool = False, progress: bool = True) -> Path:
+                    force: bool = False, progress: bool = True, threads: int | None = None) -> Path:
     """Re-quantize a GGUF file whose matrices are F32, F16, BF16 or Q8_0 (`pdg quantize`).
 
     Metadata is copied (file type updated); every tensor gets the type `quant` assigns to it.
@@ -267,7 +271,7 @@ def requantize_gguf(src: str | Path, out: str | Path, quant: str, *, imatrix: st
     metadata = {key: (field.type_name, fields[key]) for key, field in file.fields.items()
                 if key not in ("general.architecture", "general.file_type", "general.alignment")}
     metadata["general.file_type"] = ("UINT32", FILE_TYPES[quant])
-    return write_gguf(out, arch, metadata, planned, sources=[src], force=force, progress=progress)
+    return write_gguf(out, arch, metadata, planned, sources=[src], force=force, progress=progress, threads=threads)
 
 
 REQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0")

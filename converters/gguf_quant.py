@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
 
 from portable_dg.errors import ConfigError, FormatError
+from portable_dg.threads import usable_cores
 
 QUANT_CHOICES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                  "Q4_K_M", "Q5_K_M")
@@ -97,27 +99,40 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layers: int,
 
 
 def quantize_rows(rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...], qtype: str,
-                  imatrix: np.ndarray | None = None, on_rows: Callable[[int], Any] | None = None) -> np.ndarray:
+                  imatrix: np.ndarray | None = None, on_rows: Callable[[int], Any] | None = None,
+                  threads: int | None = None) -> np.ndarray:
     """Quantize a tensor given as a row reader into its stored bytes.
 
     rows(a, b) returns rows a..b-1 of the tensor viewed as [n_rows, shape[-1]] (any float dtype);
     imatrix: importance per input column, [shape[-1]], or [E, shape[-1]] for a 3-D expert tensor
-    (one row per expert); on_rows(n) is told the bytes produced after every chunk of rows.
+    (one row per expert); on_rows(n) is told the bytes produced after every chunk of rows, in
+    order; threads: chunks quantized at once (default: the usable cores).  Rows are quantized
+    independently, so the bytes do not depend on the thread count.
     Returns uint8 (*shape[:-1], row_bytes(qtype, shape[-1]))."""
     n = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64))
     out = np.empty((n_rows, row_bytes(qtype, n)), np.uint8)          # [n_rows, row_bytes]
+    workers = threads or usable_cores()
     rows_per_expert = shape[1] if len(shape) == 3 else n_rows
-    step = max(1, min(CHUNK_VALUES // max(n, 1), rows_per_expert))
-    for start in range(0, n_rows, rows_per_expert):                  # one pass per expert
+    step = max(1, min(CHUNK_VALUES // max(n, 1), -(-rows_per_expert // workers)))
+    chunks = []                                                       # (first row, end row, importance)
+    for start in range(0, n_rows, rows_per_expert):                  # chunks never straddle experts
         importance = None
         if imatrix is not None:
             importance = imatrix[start // rows_per_expert] if imatrix.ndim == 2 else imatrix
-        for a in range(start, start + rows_per_expert, step):
-            b = min(a + step, start + rows_per_expert)
-            out[a:b] = _quantize_block_rows(np.asarray(rows(a, b), np.float32), qtype, importance)
+        chunks += [(a, min(a + step, start + rows_per_expert), importance)
+                   for a in range(start, start + rows_per_expert, step)]
+
+    def quantize(chunk: tuple[int, int, np.ndarray | None]) -> int:
+        a, b, importance = chunk
+        out[a:b] = _quantize_block_rows(np.asarray(rows(a, b), np.float32), qtype, importance)
+        return out[a:b].nbytes
+
+    # ggml's quantizer and numpy's casts release the GIL, so the chunks run at once
+    with ThreadPoolExecutor(min(workers, len(chunks))) as pool:
+        for nbytes in pool.map(quantize, chunks):                   # in order
             if on_rows is not None:
-                on_rows(out[a:b].nbytes)
+                on_rows(nbytes)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 

@@ -56,6 +56,8 @@ METRICS = ("visible_tok_s", "canvas_tok_s", "steps_per_canvas", "time_to_first_c
            "prefill_tok_s", "ms_per_step")
 # backend -> (`pdg convert --to` target, output name) used by `--quant`
 CONVERT_TARGETS = {"ggml": ("gguf", "model.gguf"), "mlx": ("mlx", "model"), "torch": ("torch", "model")}
+# backend -> the factory option that takes a CPU thread count (`--threads`); torch's is process-wide
+THREAD_OPTIONS = {"ggml": "n_threads"}
 
 
 class BenchError(PortableDGError):
@@ -73,11 +75,14 @@ class BenchSettings:
     warmup: int = 1
     seed: int = 0
     batch: int = 1                   # sequences denoised together
+    threads: int | None = None       # CPU threads of backends that take a count, and of the reference
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "new_tokens", "repeat", "batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"threads must be positive, got {self.threads}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
         self.fixed_steps  # validates the steps text
@@ -345,11 +350,28 @@ def benchmark(model_path: str | Path, backend: str = "numpy", quant: str | None 
     return report
 
 
+def thread_options(backend: str, threads: int | None) -> dict[str, Any]:
+    """The backend options that give `backend` `threads` CPU threads (torch: set process-wide here;
+    numpy and mlx take none: their BLAS / runtime threads are fixed when the process starts)."""
+    if threads is None:
+        return {}
+    if backend in THREAD_OPTIONS:
+        return {THREAD_OPTIONS[backend]: threads}
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        return {}
+    raise ConfigError(f"--threads: the {backend} backend takes no thread count (set OPENBLAS_NUM_THREADS "
+                      f"or taskset before starting instead)")
+
+
 def bench_loaded(path: Path, backend: str, quant: str | None, settings: BenchSettings,
                  progress: bool, backend_options: dict[str, Any]) -> BenchReport:
     """Load `path` on `backend` and run the warm-up and measured runs."""
     from .runtime import load
 
+    backend_options = {**thread_options(backend, settings.threads), **backend_options}
     start = perf_counter()
     model = load(path, backend=backend, **backend_options)
     load_s = perf_counter() - start
@@ -361,7 +383,8 @@ def bench_loaded(path: Path, backend: str, quant: str | None, settings: BenchSet
                     settings, settings.prompt_len, cfg.canvas_length, progress)
     memory = memory_report(peak_rss_bytes(), device_peak_bytes(), checkpoint_bytes(path), cfg, settings.batch)
     return BenchReport(str(path), model.backend.name, quant, bool(model.source.metadata.get("synthetic")),
-                       {**asdict(settings), "canvas_length": cfg.canvas_length,
+                       {**asdict(settings), "threads": getattr(model.backend, "n_threads", settings.threads),
+                        "canvas_length": cfg.canvas_length,
                         "canvases": n_canvases, "max_denoising_steps": gen.max_denoising_steps},
                        load_s, runs, memory)
 
@@ -387,7 +410,11 @@ def compare_transformers(model_path: str | Path, settings: BenchSettings) -> dic
     """Run the transformers reference in a child process with the same settings -> its report."""
     cmd = [sys.executable, "-m", "portable_dg.bench", "--transformers-worker", str(model_path),
            json.dumps(asdict(settings))]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = None
+    if settings.threads is not None:        # the reference's BLAS and OpenMP threads, read at its start
+        env = {**os.environ, **{k: str(settings.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                                    "MKL_NUM_THREADS")}}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise BenchError(f"transformers reference run on {model_path} failed: {last}")
@@ -402,6 +429,8 @@ def transformers_reference(model_path: str, settings: BenchSettings) -> dict[str
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     reset_peak_rss()
     start = perf_counter()
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=dtype).to(device).eval()
@@ -524,8 +553,10 @@ def format_table(report: dict[str, Any]) -> str:
         dev = "".join(f" {human_bytes(col['memory']['peak_device_bytes'] or 0):>34}" for _, col in columns)
         lines.append(f"{'peak_device_memory':<24}{dev}")
     s = report["settings"]
-    lines.append(f"settings: batch {s.get('batch', 1)}, prompt {s['prompt_len']}, new tokens {s['new_tokens']}, "
-                 f"steps {s['steps']}, {s['warmup']} warm-up + {s['repeat']} runs; median [min..max]")
+    threads = f", {s['threads']} threads" if s.get("threads") else ""
+    lines.append(f"settings: batch {s.get('batch', 1)}{threads}, prompt {s['prompt_len']}, new tokens "
+                 f"{s['new_tokens']}, steps {s['steps']}, {s['warmup']} warm-up + {s['repeat']} runs; "
+                 "median [min..max]")
     if report.get("ratio"):
         r = report["ratio"]
         lines.append(f"ratio vs transformers: canvas tok/s {r['canvas_tok_s']:.2f}x, "

@@ -116,6 +116,22 @@ def test_cli_compare_transformers_table(tiny):
     assert "transformers" in table and "ratio vs transformers" in table and "ms_per_step" in table
 
 
+def test_cli_threads(tiny):
+    """--threads reaches backends that take a count (ggml's n_threads) and is refused by those
+    that cannot change theirs after start."""
+    pytest.importorskip("ggml")
+    runner = CliRunner()
+    args = ["bench", "--model", str(tiny), "--new-tokens", "16", "--steps", "fixed:2", "--repeat", "1",
+            "--warmup", "0", "--prompt-len", "5", "--json"]
+    result = runner.invoke(main, args + ["--backend", "ggml", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["threads"] == 1
+    refused = runner.invoke(main, args + ["--threads", "2"])
+    assert refused.exit_code == 1 and "numpy backend takes no thread count" in refused.output
+    zero = runner.invoke(main, args + ["--backend", "ggml", "--threads", "0"])
+    assert zero.exit_code == 1 and "threads must be positive" in zero.output
+
+
 def test_cli_bad_input(tiny, tmp_path):
     runner = CliRunner()
     unknown = runner.invoke(main, ["bench", "--model", str(tiny), "--backend", "nope"])

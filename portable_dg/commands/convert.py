@@ -36,16 +36,21 @@ CONVERTERS = {
                    "in float; 'mlx-vlm' quantizes them as the mlx-community files do.")
 @click.option("--force", is_flag=True, help="GGUF: replace OUT if it exists (MLX and torch outputs are "
                                             "directories, which are never replaced).")
+@click.option("--threads", type=int, default=None,
+              help="GGUF: rows quantized at once.  [default: every usable core]")
 def convert(src: str, out: str, target: str, quant: str, imatrix: str | None, group_size: int | None,
-            mix: str | None, force: bool) -> None:
+            mix: str | None, force: bool, threads: int | None) -> None:
     """Convert the checkpoint SRC (directory or hub repo id) to OUT."""
     if (group_size is not None or mix is not None) and target != "mlx":
         raise ConfigError("--group-size and --mix apply to --to mlx only")
+    if threads is not None and (target != "gguf" or threads < 1):
+        raise ConfigError("--threads applies to --to gguf only" if target != "gguf" else
+                          f"--threads must be at least 1, got {threads}")
     if force and target not in ("gguf", "mmproj"):
         raise ConfigError(f"--force replaces an existing file; --to {target} writes a directory, which is "
                           "never replaced (remove it first)")
-    extra = {"mlx": {"group_size": group_size, "mix": mix or "portable"}, "gguf": {"force": force},
-             "mmproj": {"force": force}}.get(target, {})
+    extra = {"mlx": {"group_size": group_size, "mix": mix or "portable"},
+             "gguf": {"force": force, "threads": threads}, "mmproj": {"force": force}}.get(target, {})
     module, func = CONVERTERS[target].split(":")
     path = getattr(importlib.import_module(module), func)(src, out, quant.upper(), imatrix=imatrix, **extra)
     click.echo(f"wrote {path}")

@@ -227,3 +227,125 @@ def test_options_and_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "ggml", None)       # import ggml now raises ImportError
     with pytest.raises(BackendUnavailable, match="ggml-python"):
         create()
+
+
+# --- the step as whole ggml graphs --------------------------------------------------------------
+
+def synthetic_model(backend, qtype, layer_types=("sliding_attention", "full_attention"), canvas=16, seed=0):
+    """A random-weight model whose products all hold `qtype` blocks (widths of 256, so K-quants
+    fit), vectors float32; on `backend` ("numpy" dequantizes them)."""
+    from portable_dg.checkpoint import expected_tensors
+    from portable_dg.config import DiffusionGemmaConfig, GenerationConfig
+    from portable_dg.converters.gguf import GGUFTensor
+    from portable_dg.runtime import Model
+    from portable_dg.source import ModelSource
+
+    config = DiffusionGemmaConfig.from_dict(dict(
+        model_type="diffusion_gemma_text", vocab_size=512, hidden_size=256, intermediate_size=256,
+        moe_intermediate_size=256, num_experts=4, top_k_experts=2, num_hidden_layers=len(layer_types),
+        layer_types=list(layer_types), num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+        global_head_dim=256, num_global_key_value_heads=1, sliding_window=8, canvas_length=canvas,
+        eos_token_id=[1], pad_token_id=0, bos_token_id=2))
+    rng = np.random.default_rng(seed)
+    t = getattr(ggml, f"GGML_TYPE_{qtype}")
+    tensors = {}
+    for name, shape in expected_tensors(config).items():
+        if len(shape) == 1:
+            tensors[name] = (1 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+            continue
+        w = rng.standard_normal(shape).astype(np.float32) * (0.03 if "embed" in name else shape[-1] ** -0.5)
+        tensors[name] = GGUFTensor(name, shape, qtype, t, quantize(w, t).reshape(*shape[:-1], -1))
+    source = ModelSource(config, GenerationConfig(max_new_tokens=2 * canvas, max_denoising_steps=4, eos_token_id=[1],
+                                                  pad_token_id=0), tensors, None, "gguf", "synthetic")
+    from portable_dg.backends import get_backend
+
+    return Model(source, backend if not isinstance(backend, str) else get_backend(backend))
+
+
+def two_passes(network, frame, state, knobs):
+    """A first and a self-conditioned second decoder pass (what `denoise_step` runs, minus sampling)."""
+    first = network.denoise(state.canvas, frame, state.soft)
+    second = network.denoise(state.canvas, frame, network.condition(first / 0.8))
+    return first, second
+
+
+def pass_logits(model, seed=0):
+    """two_passes through the backend's step hook after a 12-token prompt -> logits [2, L, V]."""
+    from portable_dg.backend import compile_step
+    from portable_dg.sampler import StepState
+
+    rng = np.random.default_rng(seed)
+    V, L = model.config.vocab_size, model.canvas_length
+    ctx = model.start(rng.integers(0, V, 12))
+    frame = model.network.frame(ctx.cache, [0], L, decoder=True)
+    state = StepState(rng.integers(0, V, (1, L)), None, np.zeros((1, 0, L), np.int64))
+    first, second = compile_step(model.backend, two_passes)(model.network, frame, state, None)
+    return np.concatenate([first, second]).astype(np.float64)
+
+
+GRAPH_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q5_0", "IQ4_NL", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("qtype", GRAPH_TYPES)
+def test_graph_passes_match_numpy_on_every_type(qtype):
+    """The decoder passes as ggml graphs (every product in ggml) against the numpy reference on the
+    same blocks.  Float weights agree to float32 rounding; quantized ones differ by ggml's 8-bit
+    rounding of the activations, as the per-op path's ggml products do (KL 4e-3 for Q8_0 to 3e-2
+    for Q3_K on this model, logit std 0.5): no more than theirs."""
+    ref = pass_logits(synthetic_model("numpy", qtype))
+    graphs = pass_logits(synthetic_model(create(n_threads=2, device="cpu", blas_min_tokens=10 ** 9), qtype))
+    per_op = pass_logits(synthetic_model(create(n_threads=2, device="cpu", blas_min_tokens=10 ** 9, graphs=False),
+                                         qtype))
+    if qtype == "F32":
+        np.testing.assert_allclose(graphs, ref, atol=1e-4 * np.abs(ref).max())     # float32 rounding
+    kl, top1 = kl_and_top1(ref, graphs)
+    kl_per_op, _ = kl_and_top1(ref, per_op)
+    assert kl <= 1.25 * kl_per_op + 1e-6 and top1 >= 0.875, (kl, kl_per_op, top1)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_graph_with_blas_products_matches_per_op(qtype):
+    """With BLAS products between graph segments (blas_min_tokens=1) the graphs give the per-op
+    path's logits: to float32 rounding when every product takes BLAS (Q8_0 here), and to the
+    noise of ggml's 8-bit activation rounding where repacked Q4_K kernels run in ggml between
+    them (the graphs' float32 attention rounds differently from numpy's)."""
+    graphs = pass_logits(synthetic_model(create(n_threads=2, device="cpu", blas_min_tokens=1), qtype))
+    per_op = pass_logits(synthetic_model(create(n_threads=2, device="cpu", blas_min_tokens=1, graphs=False),
+                                         qtype))
+    if qtype == "Q8_0":
+        np.testing.assert_allclose(graphs, per_op, atol=1e-3, rtol=1e-3)
+    kl, top1 = kl_and_top1(per_op, graphs)
+    assert kl < 1e-4 and top1 == 1.0, (kl, top1)
+
+
+def step_graph(model):
+    """The engine's compiled step (a GraphStep) after generating greedily with fixed noise."""
+    from portable_dg.engine import Engine
+
+    V = model.config.vocab_size
+    engine = Engine(model, max_batch=2)
+    seqs = [engine.submit(np.arange(3, 15) % V, greedy=True, noise=lambda n: (37 * np.arange(n) + 5) % V,
+                          max_new_tokens=3 * model.canvas_length) for _ in range(2)]
+    engine.run()
+    return engine.step_fn, seqs
+
+
+def test_step_graph_is_built_once_per_shape_and_reused():
+    """One trace per canvas shape (the full-attention layer's context grows every canvas), every
+    other step of the canvas replayed; a later generation with the same shapes replays them all."""
+    model = synthetic_model(create(n_threads=2, device="cpu"), "Q4_0")
+    first, seqs = step_graph(model)
+    steps = sum(sum(s.output.steps) for s in seqs) // 2          # the two sequences step together
+    assert first.recordings == 3 and first.replays == steps - 3 and steps >= 9
+    again, repeated = step_graph(model)
+    assert again.recordings == 0 and again.replays == steps
+    assert [s.output.sequences.tolist() for s in repeated] == [s.output.sequences.tolist() for s in seqs]
+
+
+def test_step_graph_generates_what_numpy_does():
+    """Float32 weights: replayed graphs, the per-op path and the numpy reference make the same
+    greedy decisions canvas after canvas."""
+    outputs = [[s.output.sequences.tolist() for s in step_graph(synthetic_model(backend, "F32"))[1]]
+               for backend in (create(n_threads=2, device="cpu"), create(n_threads=2, device="cpu", graphs=False),
+                               "numpy")]
+    assert outputs[0] == outputs[1] == outputs[2]

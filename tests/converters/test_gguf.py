@@ -236,7 +236,9 @@ def test_requantize_matches_direct_conversion(gguf_of, tmp_path):
         requantize_gguf(out, tmp_path / "qq.gguf", "Q8_0", progress=False)
 
 
-def test_imatrix_is_used(k256_dir, tmp_path):
+def test_imatrix_is_used_and_threads_change_no_byte(k256_dir, tmp_path):
+    """Rows are quantized independently: the same file on 1 thread and on 3 (chunks of one tensor
+    and of one expert quantized at once), with an importance matrix per expert too."""
     from portable_dg.converters.gguf_imatrix import compute_imatrix
 
     imatrix = compute_imatrix(k256_dir, tmp_path / "im.npz", n_random=2, steps=2, progress=False)
@@ -244,10 +246,12 @@ def test_imatrix_is_used(k256_dir, tmp_path):
         assert z["blk.0.ffn_gate_up_exps.weight"].shape == (4, 256)
         assert z["token_embd.weight"].shape == (256,) and (z["blk.0.attn_q.weight"] > 0).all()
     plain = convert_to_gguf(k256_dir, tmp_path / "plain.gguf", "Q4_K", progress=False)
-    weighted = convert_to_gguf(k256_dir, tmp_path / "im.gguf", "Q4_K", imatrix=imatrix, progress=False)
+    weighted = convert_to_gguf(k256_dir, tmp_path / "im.gguf", "Q4_K", imatrix=imatrix, progress=False, threads=1)
     name = "blk.0.attn_q.weight"
     data = [next(t.data for t in gguf.GGUFReader(p).tensors if t.name == name) for p in (plain, weighted)]
     assert (data[0] != data[1]).any()
+    threaded = convert_to_gguf(k256_dir, tmp_path / "im3.gguf", "Q4_K", imatrix=imatrix, progress=False, threads=3)
+    assert threaded.read_bytes() == weighted.read_bytes()
 
 
 # --- files laid out like Unsloth's (PR #24423) and PR #24427's ------------------------------------
@@ -567,3 +571,19 @@ def test_sudoku_model_keeps_its_tokenizer_eos_and_budget(tmp_path):
     puzzle, solution = sd.test_set(1)[0]
     assert model.tokenizer.encode(sd.grid_text(puzzle)) == source.tokenizer.encode(sd.grid_text(puzzle))
     assert model.tokenizer.decode(sd.solution_ids(solution).tolist()) == sd.grid_text(solution)
+
+
+def test_cli_threads_option(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from portable_dg.cli import main
+
+    runner = CliRunner()
+    ok = runner.invoke(main, ["convert", str(tiny_dir("a")), str(tmp_path / "a.gguf"), "--to", "gguf", "--quant",
+                              "Q8_0", "--threads", "2"])
+    assert ok.exit_code == 0, ok.output
+    zero = runner.invoke(main, ["quantize", str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"), "--quant", "Q4_0",
+                                "--threads", "0"])
+    assert zero.exit_code == 1 and "--threads must be at least 1" in zero.output
+    mlx = runner.invoke(main, ["convert", str(tiny_dir("a")), str(tmp_path / "m"), "--to", "mlx", "--threads", "2"])
+    assert mlx.exit_code == 1 and "--threads applies to --to gguf only" in mlx.output
