@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from portable_dg.cli import main
 
@@ -53,8 +54,14 @@ def test_info_json(tiny_a):
     assert data["layers"] == {"total": 4, "sliding": 2, "full": 2, "sliding_window": 8}
     assert data["tensor_types"] == {"F32": 96 + 17}           # text + the 1-layer vision tower
     assert data["parameters"]["total"] > data["parameters"]["active_per_token"] > 0
+    vision = data["vision"]
+    assert vision["layers"] == 1 and vision["weights"] and vision["patch_size"] == 4
+    with safe_open(tiny_a / "model.safetensors", "np") as f:
+        tower = [f.get_tensor(n).size for n in f.keys() if ".vision_tower." in n or ".embed_vision." in n]
+    assert vision["parameters"] == sum(tower) > 0
     text = run("info", str(tiny_a)).stdout
     assert "4 x width 32, top-2" in text
+    assert "vision         1 layers, hidden 32, patch 4" in text
 
 
 @pytest.mark.parametrize("args, message", [

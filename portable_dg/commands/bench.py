@@ -17,7 +17,7 @@ import click
               help="fixed:N (exactly N steps per canvas, early stop off) or adaptive.")
 @click.option("--repeat", type=int, default=3, show_default=True, help="Measured runs.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Discarded runs first.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True, help="Sequences denoised together.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for backends that take a count (ggml; torch process-wide) and for the "

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import click
+import numpy as np
 
 from ..config import FULL
 from ..progress import format_bytes
@@ -32,6 +33,22 @@ def tensor_types(tensors) -> Counter:
     return types
 
 
+def vision_summary(source) -> dict[str, Any] | None:
+    """The image side: the vision tower's geometry from the config and whether the checkpoint
+    carries its weights (a GGUF file gets them from an mmproj file, `pdg generate --mmproj`)."""
+    from ..checkpoint import VISION_PROJECTION, VISION_STORED
+
+    vision = source.config.vision
+    if vision is None:
+        return None
+    names = [n for n in source.tensors if VISION_STORED.match(n)]
+    refs = getattr(source.tensors, "refs", source.tensors)
+    return {"layers": vision.num_hidden_layers, "hidden_size": vision.hidden_size,
+            "patch_size": vision.patch_size, "pooling_kernel_size": vision.pooling_kernel_size,
+            "weights": VISION_PROJECTION in source.tensors,
+            "parameters": int(sum(int(np.prod(refs[n].shape)) for n in names))}
+
+
 def describe(source) -> dict[str, Any]:
     """A JSON-able description of a ModelSource."""
     cfg, gen = source.config, source.generation
@@ -55,6 +72,7 @@ def describe(source) -> dict[str, Any]:
             "kind": source.tokenizer.kind, "vocab_size": source.tokenizer.vocab_size,
             "chat_template": bool(source.tokenizer.chat_template)},
         "generation": gen.to_dict(),
+        "vision": vision_summary(source),
     }
     if source.format == "gguf":
         from ..converters.gguf import describe_gguf
@@ -96,6 +114,12 @@ def info(model_path, as_json):
     tok = data["tokenizer"]
     click.echo("  tokenizer      " + ("none" if tok is None else
                f"{tok['kind']}, {tok['vocab_size']} tokens, chat template: {'yes' if tok['chat_template'] else 'no'}"))
+    vis = data["vision"]
+    if vis is not None:
+        weights = (f"{human(vis['parameters'])} parameters" if vis["weights"] else
+                   "no weights in this file (give an mmproj file: pdg generate --mmproj)")
+        click.echo(f"  vision         {vis['layers']} layers, hidden {vis['hidden_size']}, patch {vis['patch_size']}, "
+                   f"pooling {vis['pooling_kernel_size']}x{vis['pooling_kernel_size']}; {weights}")
     click.echo("  generation     " + ", ".join(f"{k}={v}" for k, v in data["generation"].items()))
 
 
