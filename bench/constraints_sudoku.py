@@ -60,7 +60,8 @@ def markdown(rows: list[dict], puzzles: int) -> str:
              f"The first {puzzles} held-out test puzzles, one at a time (batch 1), seed = puzzle index, "
              "the checkpoint's released sampler settings.  Regex: the puzzle's givens as themselves, "
              "[1-9] at every blank.  Overhead: ms/step against the same backend without a constraint "
-             "(the machine is shared: a few percent is noise); ms/step is a puzzle's wall time, prompt encode included, over its steps.", "",
+             "(the machine is shared: a few percent is noise); ms/step is a puzzle's wall time, prompt "
+             "encode included, over its steps.", "",
              "| backend | constraint | solved | answers breaking a given | mean steps | extra steps | ms/step | "
              "overhead/step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
