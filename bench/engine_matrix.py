@@ -50,12 +50,13 @@ def sudoku_batch(backend: str, n: int = 16) -> dict:
 
 
 def bench_rows(path: Path, backend: str, batches: list[int], steps: int, new_tokens: int,
-               options: dict | None = None) -> list[dict]:
-    """canvas tok/s and ms/step of `pdg bench --batch B` for each B (median of 2 runs)."""
+               options: dict | None = None, repeat: int = 2, warmup: int = 1) -> list[dict]:
+    """canvas tok/s and ms/step of `pdg bench --batch B` for each B (median of `repeat` runs after
+    `warmup` discarded ones)."""
     rows = []
     for batch in batches:
-        settings = BenchSettings(prompt_len=64, new_tokens=new_tokens, steps=f"fixed:{steps}", repeat=2,
-                                 warmup=1, batch=batch)
+        settings = BenchSettings(prompt_len=64, new_tokens=new_tokens, steps=f"fixed:{steps}", repeat=repeat,
+                                 warmup=warmup, batch=batch)
         report = bench_loaded(path, backend, None, settings, False, options or {}).to_dict()
         rows.append({"backend": backend + (" compiled" if (options or {}).get("compile") else ""),
                      "batch": batch, "canvas_tok_s": report["metrics"]["canvas_tok_s"]["median"],
@@ -84,7 +85,10 @@ def ops_per_layer(path: Path) -> float:
 
 def markdown(results: dict) -> str:
     lines = ["# Engine measurements (issue 11)", "",
-             f"Machine: {results['machine']}. Command: `{results['command']}`.", "",
+             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores usable, "
+             f"load average {results['load'][0]:.1f} at the start and {results['load'][1]:.1f} at the end "
+             f"(a shared machine); OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
+             f"Command: `{results['command']}`.", "",
              "## 16 Sudoku puzzles: one batch against one after another (same seeds, same answers)", "",
              "| backend | one after another (s) | one batch (s) | speedup | same answers | steps mean / max |",
              "|---|---|---|---|---|---|"]
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/portable_dg_engine"))
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling)")
+    parser.add_argument("--mini-repeat", type=int, default=2,
+                        help="measured runs on mini (each B = 4 run of 16 steps takes minutes on a CPU)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     mini = args.workdir / "mini"
@@ -117,16 +123,20 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "portable_dg.cli", "synth", str(mini), "--like", "mini"], check=True)
     from portable_dg.bench import machine
 
-    results = {"machine": machine(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    results = {"machine": machine(), "load": [os.getloadavg()[0]],
+               "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                "sudoku": [sudoku_batch(b) for b in ("numpy", "torch")], "bench": {}}
     bundled = sd.default_model_path()
     results["bench"]["bundled"] = sum((bench_rows(bundled, b, [1, 4, 16], args.steps, sd.CELLS) for b in
                                        ("numpy", "torch")), [])
-    results["bench"]["mini"] = sum((bench_rows(mini, b, [1, 4], args.steps, 256) for b in ("numpy", "torch")), [])
+    mini_runs = {"repeat": args.mini_repeat, "warmup": min(1, args.mini_repeat - 1)}
+    results["bench"]["mini"] = sum((bench_rows(mini, b, [1, 4], args.steps, 256, **mini_runs)
+                                    for b in ("numpy", "torch")), [])
     if args.compile:
         results["bench"]["bundled"] += bench_rows(bundled, "torch", [1, 16], args.steps, sd.CELLS, {"compile": True})
-        results["bench"]["mini"] += bench_rows(mini, "torch", [1], args.steps, 256, {"compile": True})
+        results["bench"]["mini"] += bench_rows(mini, "torch", [1], args.steps, 256, {"compile": True}, **mini_runs)
     results["ops_per_layer"] = ops_per_layer(mini)
+    results["load"].append(os.getloadavg()[0])
     (ROOT / "bench" / "ENGINE.md").write_text(markdown(results))
     print(json.dumps(results, indent=1, default=str))
 
