@@ -268,7 +268,7 @@ def constrain_rows(B: Any, knobs: StepKnobs, scaled: Array, sampled: Array, acce
     from .constraints import resample_uniform
 
     rows = [b for b, c in enumerate(knobs.constraints) if c is not None]
-    K = max(knobs.constraints[b].candidates for b in rows)
+    K = min(max(knobs.constraints[b].candidates for b in rows), scaled.shape[-1])    # a vocabulary may be smaller
     index = B.asarray(np.array(rows, np.int64))
     top_values, top_ids = B.top_k(scaled[index], K)                                 # [R, L, K]
     host = [B.to_numpy(x) for x in (sampled[index], accept[index], noise[index], top_ids, top_values)]

@@ -103,6 +103,22 @@ def test_sudoku_regex_fixing_the_givens(tiny_model):
     assert all(o.completed for o in constrained)
 
 
+def test_constraint_when_the_vocabulary_is_smaller_than_the_candidates():
+    """The bundled model's vocabulary is smaller than the walk's 16 candidates: torch's top-k must
+    not be asked for more (it raised), and torch walks to numpy's answers."""
+    pairs = sd.test_set(3)
+    prompts = [sd.prompt_ids(puzzle) for puzzle, _ in pairs]
+    regexes = ["".join(str(int(d)) if d else "[1-9]" for d in puzzle) for puzzle, _ in pairs]
+    outs = {backend: portable_dg.generate_batch(portable_dg.load(sd.default_model_path(), backend=backend), prompts,
+                                                regex=regexes, seed=[0, 1, 2], max_new_tokens=sd.CELLS)
+            for backend in ("numpy", "torch")}
+    assert portable_dg.load(sd.default_model_path()).config.vocab_size < 16
+    for (puzzle, _), a, b in zip(pairs, outs["numpy"], outs["torch"]):
+        answer = sd.grid_from_ids(b.sequences[0, sd.PROMPT_LENGTH:])
+        assert b.completed and not ((puzzle > 0) & (answer != puzzle)).any()
+        assert np.array_equal(a.sequences, b.sequences)
+
+
 def test_cli_json_schema(json_model, tmp_path):
     from click.testing import CliRunner
 
