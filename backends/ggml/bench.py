@@ -60,11 +60,15 @@ def graph_soft_embedding(backend: Any, logits: np.ndarray, w: Any) -> Callable[[
 
     def run() -> np.ndarray:
         backend.blas_min_tokens = 10 ** 9           # keep the product in the graph
+        recording = not ops.trace.tape
         ops.trace.start(0)
         try:
-            return np.asarray(ops.soft_embedding(logits, w))
+            out = np.asarray(ops.soft_embedding(logits, w))
         finally:
             backend.blas_min_tokens = blas_min
+        if recording:
+            ops.trace.plan()                        # as GraphStep does: replays run on the planned graph
+        return out
     return run
 
 

@@ -194,8 +194,11 @@ class Trace:
         return ctx
 
     def start(self, frame_serial: int) -> None:
-        """Begin a step of the frame with this serial: replay from the start of the tape."""
+        """Begin a step of the frame with this serial: replay from the start of the tape (which
+        needs `plan()` after the recording step: the recording's memory is gone)."""
         self.recording = not self.tape and not self.segments
+        if not self.recording and self.whole is None:
+            raise RuntimeError("a ggml trace was replayed before plan()")
         self.cursor = self.segment_cursor = 0
         self.ready.clear()
         self.live.clear()

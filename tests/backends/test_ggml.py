@@ -349,3 +349,32 @@ def test_step_graph_generates_what_numpy_does():
                for backend in (create(n_threads=2, device="cpu"), create(n_threads=2, device="cpu", graphs=False),
                                "numpy")]
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_product_bench_replays_every_route():
+    """`python -m portable_dg.backends.ggml.bench`'s table on small shapes: every route of every
+    shape runs several times (its replayed soft-embedding graph crashed before it was planned)."""
+    from portable_dg.backends.ggml.bench import products
+
+    shapes = [("dense", None, 96, 64), ("experts", (4, 2), 32, 64), ("soft", "soft", 96, 64)]
+    rows = products(threads=1, T=32, repeat=3, shapes=shapes, types=["F32", "Q8_0", "Q4_0"])
+    routes = {(r["shape"], r["type"], r["route"]) for r in rows}
+    assert {("soft", "Q4_0", "ggml"), ("soft", "Q4_0", "tiles+BLAS"), ("dense", "Q8_0", "tiles+BLAS"),
+            ("experts", "Q4_0", "ggml")} <= routes
+    assert all(r["gflops"] > 0 for r in rows)
+
+
+def test_a_trace_is_not_replayed_before_it_is_planned():
+    from portable_dg.backends.ggml.graph_ops import GraphOps
+    from portable_dg.backends.ggml.trace import Trace
+
+    backend = create(n_threads=1, device="cpu")
+    ops = GraphOps(backend)
+    ops.trace = Trace(backend.engine, ops)
+    ops.trace.start(0)
+    np.asarray(ops.softmax(ops.trace.input(rand(4, 8))))
+    with pytest.raises(RuntimeError, match="before plan"):
+        ops.trace.start(0)
+    ops.trace.plan()
+    ops.trace.start(0)
+    assert np.allclose(np.asarray(ops.softmax(ops.trace.input(rand(4, 8)))).sum(-1), 1, atol=1e-6)
