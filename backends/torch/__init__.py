@@ -51,8 +51,10 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap) in float32."""
-    return cap * torch.tanh(x.float() / cap)
+    """cap * tanh(x / cap) in float32, in x's memory when x is float32 (the protocol allows it: the
+    model passes the head's [B, L, V] output, and a copy would be a third array of that size)."""
+    y = x.float()
+    return y.div_(cap).tanh_().mul_(cap)
 
 
 def token_stats(logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
