@@ -236,7 +236,7 @@ def main(argv: list[str]) -> int:
     args.clients = [int(c) for c in args.clients.split(",")]
     workdir = args.workdir or Path(tempfile.gettempdir()) / "pdg-serve-bench"
     workdir.mkdir(parents=True, exist_ok=True)
-    rows, memory = [], []
+    rows, memory, start_load = [], [], os.getloadavg()[0]
     for name in args.models.split(","):
         *model_rows, memory_line = bench_model(name, args, workdir)
         rows += model_rows
@@ -247,7 +247,8 @@ def main(argv: list[str]) -> int:
         "",
         f"Written by `bench/serve_bench.py {' '.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d}: "
         f"{info['cpu']}, {info['cores']} cores, {human_bytes(info['memory_bytes'] or 0)}, {info['os']}, "
-        f"Python {info['python']}, numpy {info['numpy']}, numpy backend.",
+        f"Python {info['python']}, numpy {info['numpy']}, numpy backend; load average {start_load:.1f} at the start "
+        f"and {os.getloadavg()[0]:.1f} at the end.",
         "",
         "Cells are median [min..max] over all requests (timings) or rounds (requests/min).  Time to first "
         "draft includes the prefill; time to first text is when the first canvas committed.",

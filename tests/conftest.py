@@ -54,18 +54,9 @@ def tiny_model(tiny_dir):
 def hf_model(tiny_dir):
     """Factory: hf_model(name="a", dtype="float32") -> the transformers model of a tiny checkpoint
     (cached; float64 is a copy of the float32 model with eager experts)."""
-    from reference import as_float64, load_hf
+    from reference import hf_models
 
-    loaded: dict[tuple[str, str], object] = {}
-
-    def make(name: str = "a", dtype: str = "float32"):
-        if (name, "float32") not in loaded:
-            loaded[name, "float32"] = load_hf(tiny_dir(name))
-        if (name, dtype) not in loaded:
-            loaded[name, dtype] = as_float64(loaded[name, "float32"])
-        return loaded[name, dtype]
-
-    return make
+    return hf_models(tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,21 @@ class Steps:
 
 
 @single_threaded
+def hf_models(path_of):
+    """Factory: make(name="a", dtype="float32") -> the transformers model of the checkpoint at
+    path_of(name), cached; float64 is a copy of the float32 model with eager experts."""
+    loaded: dict[tuple[str, str], object] = {}
+
+    def make(name: str = "a", dtype: str = "float32"):
+        if (name, "float32") not in loaded:
+            loaded[name, "float32"] = load_hf(path_of(name))
+        if (name, dtype) not in loaded:
+            loaded[name, dtype] = as_float64(loaded[name, "float32"])
+        return loaded[name, dtype]
+
+    return make
+
+
 def hf_logits(model, prompt: Sequence[int], canvas: Sequence[int], block: Sequence[int],
               temperature: float, self_conditioning: np.ndarray | None = None) -> Steps:
     """Run spec §7.2 on a transformers model: encode `prompt`, denoise `canvas` plainly and with

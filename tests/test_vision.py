@@ -19,7 +19,7 @@ from portable_dg.image_processor import ImageError
 from portable_dg.models import diffusion_gemma
 from portable_dg.models.diffusion_gemma import chunk_end, vision_blocks
 from portable_dg.processor import Processor
-from reference import Recording, as_float64, hf_image_logits, load_hf, margins, pattern, pattern_noise
+from reference import Recording, hf_image_logits, hf_models, load_hf, margins, pattern, pattern_noise
 from test_image_processor import synthetic
 from test_parity import SAFE_ARGMAX_GAP, SAFE_ENTROPY_GAP, tolerance
 from test_vision_oracle import recorded_generate
@@ -64,15 +64,7 @@ def multimodal(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_vision(multimodal):
     """Factory: hf_vision(name, dtype) -> transformers' model of `multimodal(name)` (cached)."""
-    made = {}
-
-    def make(name: str, dtype: str = "float32"):
-        if (name, "float32") not in made:
-            made[name, "float32"] = load_hf(multimodal(name))
-        if (name, dtype) not in made:
-            made[name, dtype] = as_float64(made[name, "float32"])
-        return made[name, dtype]
-    return make
+    return hf_models(multimodal)
 
 
 @pytest.fixture(scope="module")
