@@ -41,7 +41,8 @@ def auto_backend(source: Any) -> tuple[str, dict[str, Any]]:
 
     GGUF -> ggml (its quantized kernels); an MLX directory on Apple Silicon -> mlx; CUDA visible ->
     torch in bfloat16; otherwise the best CPU path: numpy for small models (its per-op overhead
-    is the lowest), torch (bfloat16 when the checkpoint is) for large ones.  Without the package a
+    is the lowest), torch for large ones: bfloat16 when the checkpoint is and the CPU multiplies
+    bfloat16 in hardware or float32 copies would not fit, else float32.  Without the package a
     choice needs, numpy (which reads every format)."""
     import platform
     import sys
@@ -58,8 +59,40 @@ def auto_backend(source: Any) -> tuple[str, dict[str, Any]]:
         total, _ = source.config.parameter_counts()
         if total >= LARGE_MODEL:
             bf16 = "BF16" in source.metadata.get("dtypes", ()) or source.format == "fp8"
+            if bf16 and not cpu_has_bf16() and float32_fits(total):
+                bf16 = False             # float32 GEMM is about 10x torch's bfloat16 loop on such a CPU
             return "torch", {"dtype": "bfloat16" if bf16 else "float32"}
     return "numpy", {}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX, ARM BF16).  Without
+    it torch's bfloat16 matrix products on the CPU run a reference loop: 6-8 GFLOP/s on this
+    project's AVX2 machine, against 57-90 GFLOP/s in float32 (bench/RESULTS.md)."""
+    import subprocess
+    import sys
+
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.stdout.strip() == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def float32_fits(parameters: int) -> bool:
+    """Whether float32 copies of this many weights fit in 90% of the host's available memory."""
+    from portable_dg.runtime import available_memory
+
+    have, _ = available_memory(None)
+    return have is not None and 4 * parameters <= 0.9 * have
 
 
 def available(name: str) -> bool:

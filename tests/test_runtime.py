@@ -132,6 +132,23 @@ def test_long_prompts_are_encoded_in_chunks(tiny_model, monkeypatch):
     np.testing.assert_allclose(chunked.denoise(canvas), whole, atol=2e-5)
 
 
+def test_auto_backend_picks_float32_on_a_cpu_without_bfloat16(monkeypatch):
+    """A large bf16 checkpoint on a CPU: torch in bfloat16 only where the CPU multiplies it (or
+    float32 copies would not fit), else float32 (torch's bf16 loop is ~10x slower there)."""
+    import types
+
+    from portable_dg import backends, runtime
+
+    source = types.SimpleNamespace(format="hf", metadata={"dtypes": ("BF16",)},
+                                   config=types.SimpleNamespace(parameter_counts=lambda: (10 ** 9, 10 ** 8)))
+    monkeypatch.setattr(runtime, "available_memory", lambda backend: (64 << 30, "host memory"))
+    for has_bf16, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(backends, "cpu_has_bf16", lambda: has_bf16)
+        assert backends.auto_backend(source) == ("torch", {"dtype": dtype})
+    monkeypatch.setattr(runtime, "available_memory", lambda backend: (2 << 30, "host memory"))
+    assert backends.auto_backend(source) == ("torch", {"dtype": "bfloat16"})     # float32 would not fit
+
+
 def test_auto_backend_and_the_memory_check(tiny_a, monkeypatch):
     from portable_dg import runtime
 
