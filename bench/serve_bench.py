@@ -54,8 +54,9 @@ def workload(name: str, workdir: Path, mini_steps: int) -> tuple[Path, list[str]
 class Server:
     """`pdg serve` in a child process on a free port."""
 
-    def __init__(self, model: Path, max_concurrent: int):
-        self.child = subprocess.Popen(PDG + ["serve", "--model", str(model), "--port", "0", "--max-concurrent",
+    def __init__(self, model: Path, max_concurrent: int, backend: str):
+        self.child = subprocess.Popen(PDG + ["serve", "--model", str(model), "--backend", backend, "--port", "0",
+                                             "--max-concurrent",
                                              str(max_concurrent), "--max-queue", "64", "--timeout", "3600",
                                              "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
                                       env=CHILD_ENV)
@@ -154,7 +155,7 @@ def round_of(server: Server, clients: int, per_client: int, prompts: list[str], 
 DIRECT = """
 import json, sys, time, portable_dg
 from portable_dg.server.prompts import chat_prompt_ids
-model = portable_dg.load(sys.argv[1])
+model = portable_dg.load(sys.argv[1], backend=sys.argv[5])
 prompts, extra, n = json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 options = {"max_new_tokens": extra.get("max_tokens"), "max_denoising_steps": extra.get("max_denoising_steps")}
 ids = [chat_prompt_ids(model.tokenizer, [{"role": "user", "content": p}]) for p in prompts[:n]]
@@ -166,9 +167,10 @@ print(json.dumps({"requests_per_min": 60 * n / (time.perf_counter() - started)})
 """
 
 
-def direct_baseline(model: Path, prompts: list[str], extra: dict, n: int) -> float:
+def direct_baseline(model: Path, prompts: list[str], extra: dict, n: int, backend: str) -> float:
     """Requests per minute of plain `generate` calls one after another (a child process)."""
-    out = subprocess.run([sys.executable, "-c", DIRECT, str(model), json.dumps(prompts), json.dumps(extra), str(n)],
+    out = subprocess.run([sys.executable, "-c", DIRECT, str(model), json.dumps(prompts), json.dumps(extra), str(n),
+                          backend],
                          check=True, capture_output=True, text=True, env=CHILD_ENV)
     return json.loads(out.stdout.splitlines()[-1])["requests_per_min"]
 
@@ -188,8 +190,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[str]
     per_client = args.sudoku_requests if name == "sudoku" else args.mini_requests
     repeat = args.repeat if name == "sudoku" else args.mini_repeat
     print(f"{name}: direct baseline", file=sys.stderr)
-    direct = [direct_baseline(model, prompts, extra, per_client * max(args.clients) // 2) for _ in range(repeat)]
-    server = Server(model, max(args.clients))
+    direct = [direct_baseline(model, prompts, extra, per_client * max(args.clients) // 2, args.backend)
+              for _ in range(repeat)]
+    server = Server(model, max(args.clients), args.backend)
     rows = [f"| {name} | sequential `generate`, no server | 1 | {spread(direct)} | – | – | – |"]
     memory_line = ""
     try:
@@ -228,6 +231,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where the mini checkpoint is written once")
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="OPENBLAS/OMP thread count of the server and baseline processes (default: inherited)")
+    parser.add_argument("--backend", default="numpy", help="backend of the server and the baseline")
     parser.add_argument("--write", action="store_true", help="write bench/SERVE.md")
     args = parser.parse_args(argv)
     if args.blas_threads is not None:
@@ -247,8 +251,8 @@ def main(argv: list[str]) -> int:
         "",
         f"Written by `bench/serve_bench.py {' '.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d}: "
         f"{info['cpu']}, {info['cores']} cores, {human_bytes(info['memory_bytes'] or 0)}, {info['os']}, "
-        f"Python {info['python']}, numpy {info['numpy']}, numpy backend; load average {start_load:.1f} at the start "
-        f"and {os.getloadavg()[0]:.1f} at the end.",
+        f"Python {info['python']}, numpy {info['numpy']}, {args.backend} backend; load average "
+        f"{start_load:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.",
         "",
         "Cells are median [min..max] over all requests (timings) or rounds (requests/min).  Time to first "
         "draft includes the prefill; time to first text is when the first canvas committed.",
