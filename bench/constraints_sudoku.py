@@ -20,8 +20,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 import portable_dg
 from portable_dg import sudoku as sd
 from portable_dg.bench import machine
@@ -31,16 +29,11 @@ VARIANTS = {"none": {}, "regex": {"constrain": True}, "regex, constrain_noise": 
                                                                                   "constrain_noise": True}}
 
 
-def givens_regex(puzzle: np.ndarray) -> str:
-    """81 characters: each given digit as itself, each blank as [1-9]."""
-    return "".join(str(int(d)) if d else "[1-9]" for d in puzzle)
-
-
 def run_variant(model, pairs, constrain: bool = False, constrain_noise: bool = False) -> dict:
     """Solve each puzzle alone; time, steps, solve rate and broken givens."""
     answers, steps, seconds = [], [], 0.0
     for i, (puzzle, _) in enumerate(pairs):
-        options = {"regex": givens_regex(puzzle), "constrain_noise": constrain_noise} if constrain else {}
+        options = {"regex": sd.givens_regex(puzzle), "constrain_noise": constrain_noise} if constrain else {}
         start = time.perf_counter()
         out = portable_dg.generate(model, sd.prompt_ids(puzzle), seed=i, max_new_tokens=sd.CELLS, **options)
         seconds += time.perf_counter() - start

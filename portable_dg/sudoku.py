@@ -70,6 +70,12 @@ def grid_text(grid: Sequence[int]) -> str:
     return "".join(str(int(d)) for d in grid)
 
 
+def givens_regex(puzzle: Sequence[int]) -> str:
+    """A regular expression for answers that keep the givens: each given digit as itself, [1-9] at
+    every blank (for `generate(..., regex=)`)."""
+    return "".join(str(int(d)) if d else "[1-9]" for d in puzzle)
+
+
 def rule_violations(grid: Sequence[int], puzzle: Sequence[int] | None = None) -> list[str]:
     """What is wrong with a filled grid: blanks, repeated digits in a row/column/box, changed givens."""
     grid = np.asarray(grid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -59,6 +60,17 @@ def test_parse_puzzle_blanks_and_errors():
         sd.parse_puzzle("123")
     with pytest.raises(ConfigError, match="81 characters"):
         sd.parse_puzzle("x" * 81)
+
+
+def test_givens_regex_matches_exactly_the_answers_that_keep_the_givens():
+    puzzle, solution = sd.test_set(1)[0]
+    pattern = re.compile(sd.givens_regex(puzzle))
+    assert pattern.fullmatch(sd.grid_text(solution))
+    changed = solution.copy()
+    given = int(np.flatnonzero(puzzle)[0])
+    changed[given] = changed[given] % 9 + 1
+    assert not pattern.fullmatch(sd.grid_text(changed))
+    assert not pattern.fullmatch(sd.grid_text(puzzle))                       # blanks (0) are not digits 1-9
 
 
 def test_rule_violations_name_the_problem():
