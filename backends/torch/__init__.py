@@ -29,7 +29,7 @@ from .fp8 import FP8Weight, host_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Elements of a [rows, V] temporary the sampler ops and the soft lookup make at once (row chunks).
-ROW_CHUNK = 1 << 24
+ROW_CHUNK = 1 << 22
 FORMATS = ("hf", "fp8")
 
 
