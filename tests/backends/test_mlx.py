@@ -161,3 +161,16 @@ def test_bfloat16_float_experts_run_on_the_cpu():
     puzzle, solution = sd.test_set(1)[0]
     result = sd.solve(model, puzzle, seed=0)
     assert result.solved, result.problems
+
+
+def test_compiled_step_generates_what_the_eager_step_does(tiny_a):
+    """`compile=True` (mx.compile of the whole step, the default on Apple GPUs) on mlx[cpu]: a
+    batch of two prompts over two canvases gives the eager backend's ids and step counts."""
+    outs = {}
+    for compile in (False, True):
+        model = portable_dg.load(tiny_a, backend="mlx", dtype="float32", compile=compile)
+        assert model.backend.compile is compile
+        outs[compile] = portable_dg.generate_batch(model, [[2, 10, 11], [2, 12, 13, 14, 15]], seed=[0, 1],
+                                                   max_new_tokens=2 * model.canvas_length)
+    for eager, compiled in zip(outs[False], outs[True]):
+        assert np.array_equal(eager.sequences, compiled.sequences) and eager.steps == compiled.steps
