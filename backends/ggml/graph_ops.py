@@ -15,6 +15,7 @@ import numpy as np
 
 import ggml
 
+from portable_dg.backends.numpy import ATTENTION_SCORES, hidden_keys
 from portable_dg.errors import ConfigError
 
 from .engine import DeviceWeight
@@ -22,8 +23,6 @@ from .trace import Lazy, Trace, host, ne_of
 
 # Soft-lookup tiles hold a multiple of this many vocabulary rows (ggml's tiled GEMM wants k % 8 == 0).
 TILE_ROWS = 64
-# Attention scores (queries x keys x heads) one graph node may hold: longer contexts take query blocks.
-ATTENTION_SCORES = 1 << 24
 
 
 def key_of(x: Any) -> Any:
@@ -313,7 +312,8 @@ class GraphOps:
         return x * cos + rotated * sin
 
     def attention(self, q: Any, k: Any, v: Any, *, causal_shift: int | None, window: int | None) -> Lazy:
-        """Scores per query block of at most ATTENTION_SCORES entries; softmax in float32."""
+        """Scores per query block of at most ATTENTION_SCORES entries (numpy's bound: queries x keys
+        x heads); softmax in float32."""
         if not any(isinstance(a, Lazy) for a in (q, k, v)):
             return self.eager.attention(q, k, v, causal_shift=causal_shift, window=window)
         q, k, v = self.lazy(q), self.lazy(k), self.lazy(v)
@@ -325,11 +325,7 @@ class GraphOps:
             stop = min(T, start + block)
             mask = None
             if causal_shift is not None:
-                query = np.arange(start, stop)[:, None] + causal_shift
-                key = np.arange(S)[None, :]
-                hidden = key > query
-                if window is not None:
-                    hidden |= query - key >= window
+                hidden = hidden_keys(np.arange(start, stop) + causal_shift, S, window)
                 mask = self.lazy(np.where(hidden, -np.inf, 0.0).astype(np.float32))      # [t, S]
             outs.append(self.attention_block(q[:, start:stop], k, v, mask))
         return outs[0] if len(outs) == 1 else self.concat(outs, 1)

@@ -100,11 +100,7 @@ class NumpyBackend:
             rows = slice(start, min(g * T, start + block))
             scores = (qh[:, :, rows] @ kt).astype(score_dtype, copy=False)    # [B, nkv, r, S]
             if causal_shift is not None:
-                query_pos = np.arange(rows.start, rows.stop)[:, None] % T + causal_shift
-                key_pos = np.arange(S)[None, :]
-                hidden = key_pos > query_pos
-                if window is not None:
-                    hidden |= query_pos - key_pos >= window
+                hidden = hidden_keys(np.arange(rows.start, rows.stop) % T + causal_shift, S, window)
                 if groups is not None:                            # [B, 1, r, S]: per sequence
                     hidden = (hidden & ~same_group(groups, np.arange(rows.start, rows.stop) % T, S))[:, None]
                     hidden = np.broadcast_to(hidden, scores.shape)
@@ -210,6 +206,16 @@ class NumpyBackend:
 
     def mean(self, x: np.ndarray, axis: int) -> np.ndarray:
         return np.mean(x, axis=axis)
+
+
+def hidden_keys(query_pos: np.ndarray, S: int, window: int | None) -> np.ndarray:
+    """[r, S] bool: key j is hidden from the query at position query_pos[i]: after it (causal), or
+    `window` or more positions before it when there is a window."""
+    query, key = query_pos[:, None], np.arange(S)[None, :]
+    hidden = key > query
+    if window is not None:
+        hidden |= query - key >= window
+    return hidden
 
 
 def same_group(groups: np.ndarray, tokens: np.ndarray, S: int) -> np.ndarray:
