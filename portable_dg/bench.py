@@ -50,6 +50,7 @@ import numpy as np
 
 from .config import FULL, DiffusionGemmaConfig, GenerationConfig
 from .errors import ConfigError, PortableDGError
+from .threads import usable_cores
 
 SCHEMA = "portable_dg.bench/1"
 METRICS = ("visible_tok_s", "canvas_tok_s", "steps_per_canvas", "time_to_first_canvas_s",
@@ -531,7 +532,7 @@ def machine() -> dict[str, Any]:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    return {"cpu": cpu, "cores": usable_cores(),
             "memory_bytes": memory, "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "numpy": np.__version__}
 

@@ -104,15 +104,25 @@ def extra_buffer_types(device: Any) -> dict[bytes, Any]:
     return found
 
 
+def free_allocators(allocators: list[Any]) -> None:
+    """Free graph allocators (and the memory of their graphs)."""
+    for allocator in allocators:
+        ggml.ggml_gallocr_free(allocator)
+
+
+def free_buffers(buffers: list[Any]) -> None:
+    """Free backend buffers."""
+    for buffer in buffers:
+        ggml.ggml_backend_buffer_free(buffer)
+
+
 def free(backend: Any, threadpool: Any, allocators: list[Any], graph_ctx: Any, buffers: list[Any],
          contexts: list[Any]) -> None:
     """Free an engine's ggml objects (weights' host memory belongs to their numpy arrays)."""
-    for buffer in buffers:
-        ggml.ggml_backend_buffer_free(buffer)
+    free_buffers(buffers)
     for ctx in contexts + [graph_ctx]:
         ggml.ggml_free(ctx)
-    for allocator in allocators:
-        ggml.ggml_gallocr_free(allocator)
+    free_allocators(allocators)
     ggml.ggml_backend_free(backend)
     if threadpool is not None:
         ggml.ggml_threadpool_free(threadpool)
@@ -191,7 +201,7 @@ class Engine:
         else:                       # upload once to device memory
             buffer = ggml.ggml_backend_buft_alloc_buffer(self.buffer_type, nbytes)
             ggml.ggml_backend_tensor_alloc(buffer, tensor, ggml.ggml_backend_buffer_get_base(buffer))
-            ggml.ggml_backend_tensor_set(tensor, host.ctypes.data, 0, nbytes)
+            self.write(tensor, host)
         self.weight_buffers.append(buffer)
         return DeviceWeight(tensor, host, ggml_type, tuple(shape), name)
 
@@ -215,7 +225,7 @@ class Engine:
         if not tensor.contents.extra:
             ggml.ggml_backend_buffer_free(buffer)
             return None
-        ggml.ggml_backend_tensor_set(tensor, host.ctypes.data, 0, host.nbytes)     # repacks
+        self.write(tensor, host)                                                      # repacks
         self.weight_buffers.append(buffer)
         return tensor
 
@@ -246,7 +256,7 @@ class Engine:
         if not ggml.ggml_gallocr_alloc_graph(self.allocators[0], graph):
             raise RuntimeError("ggml could not allocate the graph")
         for t, x in uploads:
-            ggml.ggml_backend_tensor_set(t, x.ctypes.data, 0, x.nbytes)
+            self.write(t, x)
         self.compute(graph, 1 if work < ONE_THREAD_WORK else self.n_threads)
         out = np.empty(tuple(out_shape), np.float32)
         if ggml.ggml_nbytes(result) != out.nbytes:

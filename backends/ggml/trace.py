@@ -16,21 +16,11 @@ import numpy as np
 
 import ggml
 
+from .engine import free_allocators, free_buffers
+
 F32, I32 = ggml.GGML_TYPE_F32, ggml.GGML_TYPE_I32
 # Tensors one trace may hold (a released-width step makes a few thousand).
 TRACE_TENSORS = 1 << 16
-
-
-def free_allocators(allocators: list[Any]) -> None:
-    """Free a trace's graph allocators (and the memory of their graphs)."""
-    for allocator in allocators:
-        ggml.ggml_gallocr_free(allocator)
-
-
-def free_buffers(buffers: list[Any]) -> None:
-    """Free backend buffers."""
-    for buffer in buffers:
-        ggml.ggml_backend_buffer_free(buffer)
 
 
 class Diverged(Exception):
